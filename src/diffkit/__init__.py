@@ -1,0 +1,16 @@
+"""diffkit: diffusion and flow-matching models through one canonical denoiser D(x̄, σ̄).
+
+Every forward process x_t = alpha(t) x0 + sigma(t) eps is x̄ = x0 + σ̄ eps in the canonical variables
+x̄ = x_t / alpha(t), σ̄ = sigma(t) / alpha(t); a `Denoiser` converts any network to D(x̄, σ̄) = E[x0 | x̄] and every
+solver, schedule and testbed speaks (x̄, σ̄, D).
+"""
+
+from . import schedules, testbeds
+from .denoiser import PREDICTIONS, Denoiser
+from .processes import EDM, VE, VP, Flow, Interpolant, Process
+from .schedules import get_sigmas
+from .solvers import sample, solvers
+
+__all__ = ["Denoiser", "PREDICTIONS", "Process", "VP", "VE", "EDM", "Flow", "Interpolant", "sample", "solvers",
+           "get_sigmas", "schedules", "testbeds"]
+__version__ = "0.1.0"

@@ -1,0 +1,191 @@
+"""Step schedules: decreasing grids of canonical noise levels σ̄_0 > σ̄_1 > ... > σ̄_n.
+
+`get_sigmas(name, steps, ...)` returns `steps + 1` noise levels (float64), i.e. `steps` solver intervals.
+Every schedule states its end:
+
+* ``end="zero"`` (default): the grid ends at σ̄ = 0. The last interval is the final denoising step from the
+  smallest non-zero level to the clean sample (k-diffusion appends 0; diffusers' ``final_sigmas_type="zero"``).
+* ``end="sigma_min"``: the grid ends at σ̄_min and the sample keeps that residual noise (diffusers'
+  ``final_sigmas_type="sigma_min"``). One more non-zero level is then spent on the grid itself.
+
+For families spanning [σ̄_min, σ̄_max] (karras, exponential/logsnr, polyexponential, linspace, time_quadratic,
+loglinear) the non-zero levels include both ends. The diffusers spacings 'trailing' and 'leading' place their
+points as diffusers does and then append the end level.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+
+from .processes import DiscreteVP, Process
+
+Tensor = torch.Tensor
+
+ENDS = ("zero", "sigma_min")
+
+__all__ = ["get_sigmas", "schedules", "validate_sigmas", "karras", "exponential", "polyexponential",
+           "loglinear_interp", "ENDS"]
+
+
+# -- σ̄-space families: m levels spanning [sigma_min, sigma_max] ---------------------------------------------
+
+
+def karras(m: int, sigma_min: float, sigma_max: float, rho: float = 7.0) -> Tensor:
+    """Karras et al. 2022 ("Elucidating the Design Space"), Eq. 5:
+    σ_i = (σ_max^{1/ρ} + i/(m-1) (σ_min^{1/ρ} - σ_max^{1/ρ}))^ρ."""
+    ramp = torch.linspace(0, 1, m, dtype=torch.float64)
+    lo, hi = sigma_min ** (1 / rho), sigma_max ** (1 / rho)
+    return (hi + ramp * (lo - hi)) ** rho
+
+
+def exponential(m: int, sigma_min: float, sigma_max: float) -> Tensor:
+    """Uniform in log σ̄, i.e. uniform in log-SNR λ = -log σ̄ (DPM-Solver's 'logSNR' skip type, Lu et al. 2022)."""
+    return torch.linspace(math.log(sigma_max), math.log(sigma_min), m, dtype=torch.float64).exp()
+
+
+def polyexponential(m: int, sigma_min: float, sigma_max: float, rho: float = 1.0) -> Tensor:
+    """Polynomial in log σ̄ (k-diffusion): log σ_i = log σ_min + (1 - i/(m-1))^ρ (log σ_max - log σ_min)."""
+    ramp = torch.linspace(1, 0, m, dtype=torch.float64) ** rho
+    return (ramp * (math.log(sigma_max) - math.log(sigma_min)) + math.log(sigma_min)).exp()
+
+
+def loglinear_interp(sigmas: Sequence[float], m: int) -> Tensor:
+    """Resample a decreasing σ̄ list to m levels, linear in log σ̄ against the normalized index (how the
+    Align-Your-Steps lists are used at other step counts; Sabour et al. 2024). A trailing 0 is ignored."""
+    s = torch.as_tensor(sigmas, dtype=torch.float64).flatten()
+    if len(s) and s[-1] == 0:
+        s = s[:-1]
+    if len(s) < 2:
+        raise ValueError("loglinear interpolation needs a list of at least two positive levels")
+    validate_sigmas(s)
+    xs = np.linspace(0, 1, len(s))
+    ys = np.log(s.numpy()[::-1])  # increasing
+    new = np.exp(np.interp(np.linspace(0, 1, m), xs, ys))[::-1].copy()
+    return torch.from_numpy(new)
+
+
+# -- native-time families -------------------------------------------------------------------------------------
+
+
+def _discrete_spacing(process: DiscreteVP, n: int, spacing: str, offset: int) -> np.ndarray:
+    """Timesteps as diffusers names the spacings (`timestep_spacing`), T = num_train_timesteps."""
+    T = process.num_train_timesteps
+    if spacing == "trailing":
+        return np.round(np.arange(T, 0, -T / n)) - 1
+    if spacing == "leading":
+        return (np.arange(0, n) * (T // n)).round()[::-1] + offset
+    raise AssertionError(spacing)
+
+
+def _native_times(process: Process, m: int, kind: str, offset: int = 0, end_included: bool = True):
+    """m native times for uniform-in-time spacings; `process.uniform_time_warp` applies (Flow shift)."""
+    t0, t1 = process.t_min, process.t_max
+    if kind == "linspace":
+        u = np.linspace(t1, t0, m)
+    elif kind == "time_quadratic":
+        u = np.linspace(math.sqrt(t1), math.sqrt(max(t0, 0.0)), m) ** 2
+    elif isinstance(process, DiscreteVP):
+        u = _discrete_spacing(process, m, kind, offset)
+    elif kind == "trailing":
+        u = t0 + (t1 - t0) * (1 - np.arange(m) / m)
+    else:  # leading
+        u = t0 + (t1 - t0) * np.arange(m)[::-1] / m
+    u = torch.as_tensor(np.ascontiguousarray(u), dtype=torch.float64).clamp(t0, t1)
+    return process.uniform_time_warp(u)
+
+
+# -- registry -----------------------------------------------------------------------------------------------------
+
+_SIGMA_FAMILIES: dict[str, Callable] = {
+    "karras": karras,
+    "exponential": exponential,
+    "logsnr": exponential,
+    "polyexponential": polyexponential,
+}
+_TIME_SPANNING = ("linspace", "time_quadratic")
+_TIME_DIFFUSERS = ("trailing", "leading")
+_OTHER = ("loglinear", "list")
+
+
+def schedules() -> list[str]:
+    """Names accepted by `get_sigmas`."""
+    return sorted([*_SIGMA_FAMILIES, *_TIME_SPANNING, *_TIME_DIFFUSERS, *_OTHER])
+
+
+def get_sigmas(name: str, steps: int, *, process: Process | None = None, sigma_min: float | None = None,
+               sigma_max: float | None = None, end: str = "zero", **kwargs) -> Tensor:
+    """A decreasing grid of `steps + 1` canonical noise levels (float64) from the named family.
+
+    σ̄ range: explicit `sigma_min`/`sigma_max`, else the process's. Extra options: `rho` (karras,
+    polyexponential), `offset` (leading, diffusers' steps_offset), `sigmas` (loglinear, list).
+    """
+    if name not in schedules():
+        raise ValueError(f"unknown schedule {name!r}; valid: {', '.join(schedules())}")
+    if end not in ENDS:
+        raise ValueError(f"unknown schedule end {end!r}; valid: {', '.join(ENDS)}")
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+        raise ValueError(f"steps must be a positive integer; got {steps!r}")
+    if name == "list":
+        s = torch.as_tensor(kwargs.pop("sigmas"), dtype=torch.float64)
+        _no_extra(name, kwargs)
+        return validate_sigmas(s)
+    m = steps if end == "zero" else steps + 1
+    if name in _TIME_SPANNING or name in _TIME_DIFFUSERS:
+        if process is None:
+            raise ValueError(f"schedule {name!r} is uniform in native time and needs a process")
+        offset = kwargs.pop("offset", 0)
+        _no_extra(name, kwargs)
+        if name in _TIME_DIFFUSERS:
+            t = _native_times(process, steps, name, offset)
+        else:
+            t = _native_times(process, m, name)
+        body = process.sigma_bar(t).to(torch.float64)
+    else:
+        lo, hi = _sigma_range(process, sigma_min, sigma_max)
+        if name == "loglinear":
+            body = loglinear_interp(kwargs.pop("sigmas"), m)
+        else:
+            body = _SIGMA_FAMILIES[name](m, lo, hi, **_pop_known(kwargs, ("rho",)))
+        _no_extra(name, kwargs)
+    if name in _TIME_DIFFUSERS or end == "zero":
+        tail = 0.0 if end == "zero" else float(_sigma_range(process, sigma_min, sigma_max)[0])
+        body = torch.cat([body, body.new_tensor([tail])])
+    return validate_sigmas(body)
+
+
+def _pop_known(kwargs: dict, names) -> dict:
+    return {k: kwargs.pop(k) for k in list(kwargs) if k in names}
+
+
+def _no_extra(name: str, kwargs: dict):
+    if kwargs:
+        raise TypeError(f"schedule {name!r} got unexpected options: {', '.join(sorted(kwargs))}")
+
+
+def _sigma_range(process, sigma_min, sigma_max) -> tuple[float, float]:
+    lo = sigma_min if sigma_min is not None else (process.sigma_bar_min if process is not None else None)
+    hi = sigma_max if sigma_max is not None else (process.sigma_bar_max if process is not None else None)
+    if lo is None or hi is None:
+        raise ValueError("give a process or both sigma_min and sigma_max")
+    lo, hi = float(lo), float(hi)
+    if not (0 < lo < hi < math.inf):
+        raise ValueError(f"need 0 < sigma_min < sigma_max < inf; got {lo}, {hi}")
+    return lo, hi
+
+
+def validate_sigmas(sigmas) -> Tensor:
+    """Check a σ̄ grid: 1-D, at least two levels, finite, strictly decreasing, positive except a final 0."""
+    s = torch.as_tensor(sigmas, dtype=torch.float64)
+    if s.ndim != 1 or len(s) < 2:
+        raise ValueError(f"sigmas must be a 1-D grid with at least two levels; got shape {tuple(s.shape)}")
+    if not torch.isfinite(s).all():
+        raise ValueError("sigmas must be finite")
+    if not (s[1:] < s[:-1]).all():
+        raise ValueError("sigmas must be strictly decreasing (from the noisiest level down)")
+    if (s[:-1] <= 0).any() or s[-1] < 0:
+        raise ValueError("sigmas must be positive, except a final 0")
+    return s

@@ -1,0 +1,243 @@
+"""Solver registry and `sample()`.
+
+A solver is a plain function `solver(denoiser, x, sigmas, *, cond=None, callback=None, progress=False,
+**options)` over the canonical state x̄ and a decreasing σ̄ grid; `sample` maps noise to the start of the
+process, builds the grid from a step count or a hard budget of model calls, counts the calls, and maps the
+result back to the process's native space.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, Sequence
+
+import torch
+
+from ..schedules import ENDS, get_sigmas, validate_sigmas
+from .adaptive import dpm_adaptive
+from .dpm import dpm_solver, dpmpp_2s, dpmpp_multistep, singlestep_orders
+from .euler import euler, heun
+from .multistep import deis, ipndm, lms, pndm
+from .unipc import unipc
+
+Tensor = torch.Tensor
+
+__all__ = ["sample", "solvers", "get_solver", "SolverSpec", "DEFAULTS", "default_for", "plan"]
+
+
+def _one_call_per_step(sig: list[float], opts: dict) -> int:
+    return len(sig) - 1
+
+
+def _two_calls_per_step(sig: list[float], opts: dict) -> int:
+    return 2 * (len(sig) - 1) - (sig[-1] == 0)
+
+
+def _singlestep_calls(sig: list[float], opts: dict) -> int:
+    n = len(sig) - 1
+    orders = opts.get("orders") or [opts.get("order", 3)] * n
+    return sum(orders[:-1]) + (1 if sig[-1] == 0 else orders[-1])
+
+
+def _pndm_calls(sig: list[float], opts: dict) -> int:
+    k = opts.get("prk_steps", 3)
+    return sum(4 if (i < k and sig[i + 1] > 0) else 1 for i in range(len(sig) - 1))
+
+
+@dataclass(frozen=True)
+class SolverSpec:
+    """A registered solver: its function, preset options, how many calls a grid costs, how a budget of calls
+    becomes a step count (and options), the smallest budget, and its default schedule."""
+
+    name: str
+    fn: Callable
+    calls: Callable[[list, dict], int]
+    budget: Callable[[int, str, dict], tuple[int, dict]]
+    min_nfe: int = 1
+    schedule: str = "logsnr"
+    preset: dict = field(default_factory=dict)
+    summary: str = ""
+
+
+def _budget_one(nfe, end, opts):
+    return nfe, {}
+
+
+def _budget_two(nfe, end, opts):
+    return ((nfe + 1) // 2 if end == "zero" else nfe // 2), {}
+
+
+def _budget_singlestep(nfe, end, opts):
+    order = opts.get("order", 3)
+    if end == "zero":
+        orders = singlestep_orders(nfe - 1, order) + [1]
+    else:
+        orders = singlestep_orders(nfe, order)
+    return len(orders), {"orders": orders}
+
+
+def _budget_pndm(nfe, end, opts):
+    k = opts.get("prk_steps", 3)
+    return nfe - 3 * k, {}
+
+
+def _budget_adaptive(nfe, end, opts):
+    return (2 if end == "zero" else 1), {"max_nfe": nfe}
+
+
+def _spec(name, fn, calls=_one_call_per_step, budget=_budget_one, **kw):
+    return SolverSpec(name, fn, calls, budget, **kw)
+
+
+_REGISTRY: dict[str, SolverSpec] = {
+    s.name: s
+    for s in [
+        _spec("euler", euler, schedule="karras", summary="Euler / DDIM, order 1"),
+        _spec("ddim", euler, schedule="trailing", summary="alias of euler (DDIM with eta = 0)"),
+        _spec("heun", heun, _two_calls_per_step, _budget_two, schedule="karras",
+              summary="EDM Heun, order 2, two calls per step"),
+        _spec("dpm_solver_1", dpm_solver, _singlestep_calls, _budget_singlestep, preset={"order": 1},
+              summary="DPM-Solver-1 (= DDIM)"),
+        _spec("dpm_solver_2", dpm_solver, _singlestep_calls, _budget_singlestep, preset={"order": 2},
+              summary="singlestep DPM-Solver-2"),
+        _spec("dpm_solver_3", dpm_solver, _singlestep_calls, _budget_singlestep, preset={"order": 3},
+              summary="singlestep DPM-Solver-3 (budgets split as DPM-Solver-fast)"),
+        _spec("dpmpp_2s", dpmpp_2s, _two_calls_per_step, _budget_two, summary="DPM-Solver++(2S)"),
+        _spec("dpmpp_2m", dpmpp_multistep, preset={"order": 2}, summary="DPM-Solver++(2M)"),
+        _spec("dpmpp_3m", dpmpp_multistep, preset={"order": 3}, summary="DPM-Solver++(3M)"),
+        _spec("unipc", unipc, preset={"order": 3, "variant": "bh2"}, summary="UniPC-3 bh2 with UniC"),
+        _spec("unipc_bh1", unipc, preset={"order": 3, "variant": "bh1"}, summary="UniPC-3 bh1 with UniC"),
+        _spec("deis", deis, preset={"order": 3}, summary="DEIS tAB3"),
+        _spec("ipndm", ipndm, schedule="karras", preset={"order": 4}, summary="iPNDM (order 4)"),
+        _spec("pndm", pndm, _pndm_calls, _budget_pndm, min_nfe=13, schedule="trailing",
+              summary="PNDM: 3 pseudo Runge-Kutta steps, then PLMS"),
+        _spec("lms", lms, schedule="karras", preset={"order": 4}, summary="linear multistep in sigma, order 4"),
+        _spec("dpm_adaptive", dpm_adaptive, lambda s, o: o.get("max_nfe") or 0, _budget_adaptive, min_nfe=4,
+              summary="DPM-Solver-23 adaptive step size in log-SNR"),
+    ]
+}
+
+# Default solver per budget of model calls, chosen from bench/solvers.py (see BENCHMARKS.md):
+# (largest nfe this row covers, solver, schedule, options).
+DEFAULTS: list[tuple[int, str, str, dict]] = [
+    (10**9, "unipc", "logsnr", {}),
+]
+
+
+def default_for(nfe: int) -> tuple[str, str, dict]:
+    """The default (solver, schedule, options) for a budget of `nfe` calls."""
+    for top, name, schedule, opts in DEFAULTS:
+        if nfe <= top:
+            return name, schedule, dict(opts)
+    raise AssertionError("DEFAULTS must cover every budget")
+
+
+def solvers() -> list[str]:
+    """Names accepted by `sample(..., solver=...)`."""
+    return sorted(_REGISTRY)
+
+
+def get_solver(name: str) -> SolverSpec:
+    """The registered `SolverSpec` for a name (ValueError listing the valid names otherwise)."""
+    if name not in _REGISTRY:
+        raise ValueError(f"unknown solver {name!r}; valid: {', '.join(solvers())}")
+    return _REGISTRY[name]
+
+
+def _check_count(value, what: str):
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{what} must be a positive integer; got {value!r}")
+    return value
+
+
+def plan(solver: str | None = None, *, process=None, nfe: int | None = None, steps: int | None = None,
+         schedule: str | Sequence[float] | Tensor | None = None, end: str = "zero", options: dict | None = None,
+         sigma_min: float | None = None, sigma_max: float | None = None) -> tuple[SolverSpec, Tensor, dict, int]:
+    """Resolve what `sample` will run: (solver spec, σ̄ grid, solver options, model calls it will make)."""
+    nfe, steps = _check_count(nfe, "nfe"), _check_count(steps, "steps")
+    if nfe is not None and steps is not None:
+        raise ValueError("give either nfe (a budget of model calls) or steps, not both")
+    if end not in ENDS:
+        raise ValueError(f"unknown schedule end {end!r}; valid: {', '.join(ENDS)}")
+    options = dict(options or {})
+    if solver is None:
+        solver, default_schedule, default_opts = default_for(nfe or (steps or 10))
+        options = {**default_opts, **options}
+        schedule = schedule if schedule is not None else default_schedule
+    spec = get_solver(solver)
+    options = {**spec.preset, **options}
+    explicit_grid = schedule is not None and not isinstance(schedule, str)
+    if explicit_grid:
+        sigmas = validate_sigmas(schedule)
+    else:
+        if nfe is not None:
+            if nfe < spec.min_nfe:
+                raise ValueError(f"a budget of {nfe} model calls is below the minimum of {spec.min_nfe} for "
+                                 f"solver {solver!r}")
+            steps, extra = spec.budget(nfe, end, options)
+            options = {**extra, **options} if "orders" not in extra else {**options, **extra}
+        elif steps is None:
+            steps = 10
+        sigmas = get_sigmas(schedule or spec.schedule, steps, process=process, sigma_min=sigma_min,
+                            sigma_max=sigma_max, end=end)
+    calls = spec.calls([float(s) for s in sigmas], options)
+    if nfe is not None and calls > nfe:
+        raise ValueError(f"solver {solver!r} needs {calls} model calls on this grid, above the budget of {nfe}")
+    return spec, sigmas, options, calls
+
+
+class _CallCounter:
+    """Counts model calls (a call with a batch counts once)."""
+
+    def __init__(self, denoiser):
+        self.denoiser, self.calls = denoiser, 0
+        self.process = getattr(denoiser, "process", None)
+
+    def __call__(self, x, sigma, **cond):
+        self.calls += 1
+        return self.denoiser(x, sigma, **cond)
+
+
+def sample(denoiser, noise: Tensor, *, solver: str | None = None, nfe: int | None = None,
+           steps: int | None = None, schedule: str | Sequence[float] | Tensor | None = None, end: str = "zero",
+           options: dict | None = None, cond: dict | None = None, generator: torch.Generator | None = None,
+           callback: Callable | None = None, progress: bool = False, return_info: bool = False,
+           sigma_min: float | None = None, sigma_max: float | None = None):
+    """Solve the probability-flow ODE from noise to data (Song et al. 2021, "Score-Based Generative Modeling
+    through SDEs", Eq. 13, in the canonical variables of Karras et al. 2022, Eq. 4).
+
+    `denoiser` is a `diffkit.Denoiser` (or any callable D(x̄, σ̄), then give `schedule` as a grid or
+    `sigma_min`/`sigma_max`). `noise` is standard normal and is mapped to the start of the process (VE/EDM:
+    x = σ_max noise; VP: x_T = noise; Flow: x_1 = noise). `nfe` is a hard budget of model calls, `steps` a step
+    count (give one; default: 10 steps). `schedule` is a schedule name (see `diffkit.schedules.schedules()`) or
+    an explicit σ̄ grid; `end` is 'zero' (final denoising step) or 'sigma_min'. `options` go to the solver,
+    `cond` to the model. Returns the samples in native space (and an info dict with `return_info`).
+    """
+    if not isinstance(noise, Tensor) or not noise.is_floating_point():
+        raise TypeError("noise must be a floating-point tensor of shape (batch, ...)")
+    if noise.ndim < 1 or noise.shape[0] == 0:
+        raise ValueError("noise must have a non-empty batch dimension")
+    if not torch.isfinite(noise).all():
+        raise ValueError("noise contains non-finite values")
+    process = getattr(denoiser, "process", None)
+    if process is None and schedule is None and (sigma_min is None or sigma_max is None):
+        raise ValueError("a denoiser without a process needs an explicit sigma grid or sigma_min and sigma_max")
+    spec, sigmas, options, calls = plan(solver, process=process, nfe=nfe, steps=steps, schedule=schedule,
+                                        end=end, options=options, sigma_min=sigma_min, sigma_max=sigma_max)
+    s0, s_end = float(sigmas[0]), float(sigmas[-1])
+    x = noise * s0 if process is None else process.noise_to_canonical(noise, s0).to(noise.dtype)
+    counter = _CallCounter(denoiser)
+    info: dict = {}
+    kwargs = dict(cond=cond, callback=callback, progress=progress, **options)
+    if spec.fn is dpm_adaptive:
+        kwargs["info"] = info
+    out = spec.fn(counter, x, sigmas, **kwargs)
+    if nfe is not None and counter.calls > nfe:  # pragma: no cover - a solver bug, never a user error
+        raise RuntimeError(f"solver {spec.name!r} made {counter.calls} model calls, above the budget of {nfe}")
+    if s_end > 0 and process is not None:
+        out = out * float(process.alpha(process.t_of_sigma_bar(torch.tensor(s_end, dtype=torch.float64))))
+    if return_info:
+        return out, {"solver": spec.name, "nfe": counter.calls, "sigmas": sigmas, "options": options}
+    return out

@@ -1,0 +1,64 @@
+"""Shared pieces of the solvers: the step loop, the callback, log-SNR helpers, multistep order policy.
+
+Conventions used by every solver in this package: the state is the canonical x̄, the grid `sigmas` is a
+decreasing list of σ̄ (its last entry may be 0), λ = -log σ̄ is the half log-SNR and h = λ_next - λ_cur > 0.
+The probability-flow ODE is dx̄/dσ̄ = ε̂(x̄, σ̄) with ε̂ = (x̄ - D(x̄, σ̄)) / σ̄ (Karras et al. 2022, Eq. 3).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable, Iterable
+
+import torch
+
+Tensor = torch.Tensor
+
+
+def as_floats(sigmas) -> list[float]:
+    """The σ̄ grid as Python floats: coefficients are computed in float64 on the host, once per step."""
+    if isinstance(sigmas, Tensor):
+        return [float(s) for s in sigmas.detach().to("cpu", torch.float64)]
+    return [float(s) for s in sigmas]
+
+
+def steps(n: int, progress: bool, desc: str = "sampling") -> Iterable[int]:
+    """range(n), with a tqdm progress bar when asked."""
+    if progress:
+        from tqdm.auto import trange
+
+        return trange(n, desc=desc, leave=False)
+    return range(n)
+
+
+def lam(sigma: float) -> float:
+    """λ = -log σ̄ (half log-SNR); +inf at σ̄ = 0."""
+    return math.inf if sigma == 0 else -math.log(sigma)
+
+
+def eps_of(x: Tensor, denoised: Tensor, sigma: float) -> Tensor:
+    """ε̂ = (x̄ - D) / σ̄, the slope of the probability-flow ODE in σ̄."""
+    return (x - denoised) / sigma
+
+
+def emit(callback: Callable | None, i: int, x: Tensor, sigma: float, sigma_next: float, denoised: Tensor):
+    """Report solver state to a user callback as a dict (k-diffusion's convention)."""
+    if callback is not None:
+        callback({"i": i, "x": x, "sigma": sigma, "sigma_next": sigma_next, "denoised": denoised})
+
+
+def multistep_order(i: int, n: int, max_order: int, sigma_next: float, lower_order_final: bool) -> int:
+    """Order of step i of n for a multistep method: warm-up uses i+1 previous values; a step to σ̄ = 0 is
+    first order (its λ-step is infinite); with `lower_order_final` the last steps use at most the number of
+    remaining steps, as in DPM-Solver++ (Lu et al. 2022, Sec. 5) for short schedules."""
+    order = min(max_order, i + 1)
+    if lower_order_final:
+        order = min(order, n - i)
+    if sigma_next == 0:
+        order = 1
+    return order
+
+
+def lower_order_final_default(n: int) -> bool:
+    """DPM-Solver++ and UniPC lower the final orders when there are fewer than 15 steps."""
+    return n < 15
