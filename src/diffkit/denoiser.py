@@ -20,11 +20,14 @@ edm         F of EDM Table 1 (Karras et al. 2022)      c_skip x̄ + c_out F(c_in
 EDM preconditioning (Karras et al. 2022, Table 1), in canonical σ̄ and the process's sigma_data σ_d:
 c_skip = σ_d² / (σ̄² + σ_d²), c_out = σ̄ σ_d / sqrt(σ̄² + σ_d²), c_in = 1 / sqrt(σ̄² + σ_d²),
 c_noise = ln(σ̄) / 4; for prediction 'edm' the network receives (c_in x̄, c_noise) instead of (x_t, t).
+
+Every row is affine in (x̄, out): D = c_x x̄ + c_out out (`affine_coefficients`), which is how the conversion is
+computed, for a whole batch with two tensor operations.
 """
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 
@@ -34,7 +37,7 @@ Tensor = torch.Tensor
 
 PREDICTIONS = ("eps", "x0", "v", "score", "flow", "edm")
 
-__all__ = ["Denoiser", "PREDICTIONS", "to_x0", "from_x0", "convert"]
+__all__ = ["Denoiser", "PREDICTIONS", "to_x0", "from_x0", "convert", "affine_coefficients"]
 
 
 def _check_prediction(prediction: str) -> str:
@@ -49,61 +52,53 @@ def _bcast(c: Tensor, x: Tensor) -> Tensor:
     return c.reshape(c.shape + (1,) * (x.ndim - c.ndim)) if c.ndim else c
 
 
-def _coefficients(process: Process, t: Tensor, need_derivatives: bool):
-    t64 = t.to(torch.float64)
-    a, s = process.alpha(t64), process.sigma(t64)
-    if need_derivatives:
-        return a, s, process.d_alpha(t64), process.d_sigma(t64)
-    return a, s, None, None
-
-
 def _edm_coefficients(sigma_bar: Tensor, sigma_data: float):
+    """EDM Table 1: (c_skip, c_out, c_in, c_noise) at canonical noise level σ̄."""
     sb2 = sigma_bar**2 + sigma_data**2
     return sigma_data**2 / sb2, sigma_bar * sigma_data * sb2.rsqrt(), sb2.rsqrt(), sigma_bar.log() / 4
 
 
-def to_x0(out: Tensor, x: Tensor, t, process: Process, prediction: str) -> Tensor:
-    """Convert a network output in native space (x = x_t at native time t) to the x0 prediction."""
+def affine_coefficients(process: Process, prediction: str, t: Tensor) -> tuple[Tensor, Tensor]:
+    """(c_x, c_out) with D = c_x x̄ + c_out out: every prediction type is affine in (x̄, network output).
+
+    From the table in the module docstring with x = a x̄:  eps (1, -σ̄);  x0 (0, 1);  v (a²/(a²+s²), -s/(a²+s²));
+    score (1, s²/a);  flow (-a s'/(a' s - a s'), s/(a' s - a s'));  edm (c_skip, c_out).
+    """
     _check_prediction(prediction)
     t = torch.as_tensor(t, dtype=torch.float64)
-    if prediction == "x0":
-        return out
     if prediction == "edm":
-        sb = process.sigma_bar(t)
-        c_skip, c_out, _, _ = _edm_coefficients(sb, _sigma_data(process))
-        x_bar = x / _bcast(process.alpha(t), x)
-        return _bcast(c_skip, x) * x_bar + _bcast(c_out, x) * out
-    a, s, da, ds = _coefficients(process, t, prediction == "flow")
+        c_skip, c_out, _, _ = _edm_coefficients(process.sigma_bar(t), _sigma_data(process))
+        return c_skip, c_out
+    a, s = process.alpha(t), process.sigma(t)
+    one, zero = torch.ones_like(a), torch.zeros_like(a)
     if prediction == "eps":
-        return (x - _bcast(s, x) * out) / _bcast(a, x)
+        return one, -s / a
+    if prediction == "x0":
+        return zero, one
     if prediction == "v":
-        return (_bcast(a, x) * x - _bcast(s, x) * out) / _bcast(a**2 + s**2, x)
+        n = a**2 + s**2
+        return a**2 / n, -s / n
     if prediction == "score":
-        return (x + _bcast(s**2, x) * out) / _bcast(a, x)
-    # flow velocity
-    return (_bcast(s, x) * out - _bcast(ds, x) * x) / _bcast(da * s - a * ds, x)
+        return one, s**2 / a
+    da, ds = process.d_alpha(t), process.d_sigma(t)
+    den = da * s - a * ds
+    return -a * ds / den, s / den
+
+
+def to_x0(out: Tensor, x: Tensor, t, process: Process, prediction: str) -> Tensor:
+    """Convert a network output in native space (x = x_t at native time t) to the x0 prediction."""
+    t = torch.as_tensor(t, dtype=torch.float64)
+    c_x, c_o = affine_coefficients(process, prediction, t)
+    x_bar = x / _bcast(process.alpha(t), x)
+    return _bcast(c_x, x) * x_bar + _bcast(c_o, x) * out
 
 
 def from_x0(x0: Tensor, x: Tensor, t, process: Process, prediction: str) -> Tensor:
     """Inverse of `to_x0`: the network output of type `prediction` that corresponds to x0."""
-    _check_prediction(prediction)
     t = torch.as_tensor(t, dtype=torch.float64)
-    if prediction == "x0":
-        return x0
-    if prediction == "edm":
-        sb = process.sigma_bar(t)
-        c_skip, c_out, _, _ = _edm_coefficients(sb, _sigma_data(process))
-        x_bar = x / _bcast(process.alpha(t), x)
-        return (x0 - _bcast(c_skip, x) * x_bar) / _bcast(c_out, x)
-    a, s, da, ds = _coefficients(process, t, prediction == "flow")
-    eps = (x - _bcast(a, x) * x0) / _bcast(s, x)
-    if prediction == "eps":
-        return eps
-    if prediction == "v":
-        return _bcast(a, x) * eps - _bcast(s, x) * x0
-    if prediction == "score":
-        return -eps / _bcast(s, x)
-    return _bcast(da, x) * x0 + _bcast(ds, x) * eps
+    c_x, c_o = affine_coefficients(process, prediction, t)
+    x_bar = x / _bcast(process.alpha(t), x)
+    return (x0 - _bcast(c_x, x) * x_bar) / _bcast(c_o, x)
 
 
 def convert(out: Tensor, x: Tensor, t, process: Process, source: str, target: str) -> Tensor:
@@ -124,8 +119,10 @@ class Denoiser:
 
     Calling the denoiser with canonical x̄ of shape (batch, ...) and σ̄ (a float, or a tensor of shape () or
     (batch,)) returns the x0 prediction in x̄'s dtype and device. Conditioning keyword arguments are passed to
-    the model untouched.
+    the model untouched. Per-level scalar coefficients are computed once in float64 and cached.
     """
+
+    _CACHE_SIZE = 4096
 
     def __init__(self, model: Callable, process: Process, prediction: str = "eps"):
         if not callable(model):
@@ -137,12 +134,41 @@ class Denoiser:
         self.prediction = _check_prediction(prediction)
         if prediction == "edm":
             _sigma_data(process)
+        self._scalar_cache: dict[float, tuple[float, float, float, float]] = {}
+
+    def _coefficients(self, sb: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """(input scale, model time, c_x, c_out) at canonical levels σ̄ (float64 tensors)."""
+        if self.prediction == "edm":
+            c_skip, c_out, c_in, c_noise = _edm_coefficients(sb, self.process.sigma_data)
+            return c_in, c_noise, c_skip, c_out
+        t = self.process.t_of_sigma_bar(sb)
+        c_x, c_o = affine_coefficients(self.process, self.prediction, t)
+        return self.process.alpha(t), t, c_x, c_o
+
+    def _scalar(self, sigma: float) -> tuple[float, float, float, float]:
+        c = self._scalar_cache.get(sigma)
+        if c is None:
+            if len(self._scalar_cache) >= self._CACHE_SIZE:
+                self._scalar_cache.clear()
+            c = tuple(float(v) for v in self._coefficients(torch.tensor(sigma, dtype=torch.float64)))
+            self._scalar_cache[sigma] = c
+        return c
+
+    def prepare(self, sigmas) -> None:
+        """Compute and cache the scalar coefficients of every positive level of a grid in one batch."""
+        sb = torch.as_tensor(sigmas, dtype=torch.float64).flatten()
+        sb = sb[sb > 0]
+        if len(sb) == 0 or len(sb) + len(self._scalar_cache) > self._CACHE_SIZE:
+            return
+        cols = [c.expand(len(sb)).tolist() for c in self._coefficients(sb)]
+        for sigma, *c in zip(sb.tolist(), *cols):
+            self._scalar_cache[sigma] = tuple(c)
 
     def native(self, x_bar: Tensor, sigma_bar) -> tuple[Tensor, Tensor]:
-        """The network's input (x_t, t) for canonical (x̄, σ̄): t = t(σ̄) of shape (batch,), x_t = alpha(t) x̄."""
-        sb = self._sigma_batch(x_bar, sigma_bar)
-        t = self.process.t_of_sigma_bar(sb)
-        return x_bar * _bcast(self.process.alpha(t), x_bar), t
+        """The network's input (x_t, t) for canonical (x̄, σ̄): t of shape (batch,), x_t = alpha(t) x̄
+        (for prediction 'edm': c_in x̄ and c_noise)."""
+        scale, t, _, _ = self._coefficients(self._sigma_batch(x_bar, sigma_bar))
+        return x_bar * _bcast(scale, x_bar), t
 
     def _sigma_batch(self, x: Tensor, sigma_bar) -> Tensor:
         sb = torch.as_tensor(sigma_bar, dtype=torch.float64)
@@ -154,18 +180,20 @@ class Denoiser:
         return sb
 
     def __call__(self, x_bar: Tensor, sigma_bar, **cond) -> Tensor:
-        sb = self._sigma_batch(x_bar, sigma_bar)
         time_dtype = torch.promote_types(x_bar.dtype, torch.float32)
-        if self.prediction == "edm":
-            c_skip, c_out, c_in, c_noise = _edm_coefficients(sb, self.process.sigma_data)
-            out = self.model(x_bar * _bcast(c_in, x_bar), c_noise.to(x_bar.device, time_dtype), **cond)
+        if isinstance(sigma_bar, (float, int)) or (isinstance(sigma_bar, Tensor) and sigma_bar.ndim == 0):
+            scale, t, c_x, c_o = self._scalar(float(sigma_bar))
+            t_batch = torch.full((x_bar.shape[0],), t, dtype=time_dtype, device=x_bar.device)
+            out = self.model(x_bar * scale, t_batch, **cond)
             self._check_output(out, x_bar)
-            return _bcast(c_skip, x_bar) * x_bar + _bcast(c_out, x_bar) * out.to(x_bar.dtype)
-        t = self.process.t_of_sigma_bar(sb)
-        x = x_bar * _bcast(self.process.alpha(t), x_bar)
-        out = self.model(x, t.to(x_bar.device, time_dtype), **cond)
+            out = out.to(x_bar.dtype)
+            if c_x == 1.0:
+                return torch.add(x_bar, out, alpha=c_o)
+            return torch.add(x_bar * c_x, out, alpha=c_o)
+        scale, t, c_x, c_o = self._coefficients(self._sigma_batch(x_bar, sigma_bar))
+        out = self.model(x_bar * _bcast(scale, x_bar), t.to(x_bar.device, time_dtype), **cond)
         self._check_output(out, x_bar)
-        return to_x0(out.to(x_bar.dtype), x, t, self.process, self.prediction)
+        return _bcast(c_x, x_bar) * x_bar + _bcast(c_o, x_bar) * out.to(x_bar.dtype)
 
     @staticmethod
     def _check_output(out, x):

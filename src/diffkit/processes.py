@@ -23,7 +23,7 @@ need it are done in float64 internally.
 from __future__ import annotations
 
 import math
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 

@@ -16,7 +16,7 @@ points as diffusers does and then append the end level.
 from __future__ import annotations
 
 import math
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import torch

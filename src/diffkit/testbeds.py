@@ -71,14 +71,14 @@ class GaussianMixture:
 
     # -- presets -----------------------------------------------------------------------------------------------
     @classmethod
-    def ring(cls, n_modes: int = 8, radius: float = 1.0, std: float = 0.08) -> "GaussianMixture":
+    def ring(cls, n_modes: int = 8, radius: float = 1.0, std: float = 0.08) -> GaussianMixture:
         """2-D ring of equally weighted isotropic modes."""
         ang = torch.arange(n_modes, dtype=_F64) * (2 * math.pi / n_modes)
         means = radius * torch.stack([ang.cos(), ang.sin()], 1)
         return cls(means, torch.full((n_modes,), std), labels=torch.arange(n_modes))
 
     @classmethod
-    def grid(cls, side: int = 4, spacing: float = 0.6, std: float = 0.06) -> "GaussianMixture":
+    def grid(cls, side: int = 4, spacing: float = 0.6, std: float = 0.06) -> GaussianMixture:
         """2-D square grid of side x side isotropic modes, centred at the origin."""
         c = (torch.arange(side, dtype=_F64) - (side - 1) / 2) * spacing
         means = torch.cartesian_prod(c, c)
@@ -86,7 +86,7 @@ class GaussianMixture:
 
     @classmethod
     def random(cls, dim: int, n_components: int = 8, seed: int = 0, scale: float = 1.0,
-               std_range: tuple[float, float] = (0.02, 0.5)) -> "GaussianMixture":
+               std_range: tuple[float, float] = (0.02, 0.5)) -> GaussianMixture:
         """Random mixture in `dim` dimensions with sharp, anisotropic components: means N(0, scale² I),
         random rotations, eigenvalue std devs log-uniform in `std_range`, Dirichlet(2) weights."""
         g = torch.Generator().manual_seed(seed)

@@ -8,8 +8,8 @@ result back to the process's native space.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Callable, Sequence
 
 import torch
 
@@ -228,6 +228,8 @@ def sample(denoiser, noise: Tensor, *, solver: str | None = None, nfe: int | Non
                                         end=end, options=options, sigma_min=sigma_min, sigma_max=sigma_max)
     s0, s_end = float(sigmas[0]), float(sigmas[-1])
     x = noise * s0 if process is None else process.noise_to_canonical(noise, s0).to(noise.dtype)
+    if hasattr(denoiser, "prepare"):
+        denoiser.prepare(sigmas)
     counter = _CallCounter(denoiser)
     info: dict = {}
     kwargs = dict(cond=cond, callback=callback, progress=progress, **options)

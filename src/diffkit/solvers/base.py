@@ -8,7 +8,7 @@ The probability-flow ODE is dx̄/dσ̄ = ε̂(x̄, σ̄) with ε̂ = (x̄ - D(x�
 from __future__ import annotations
 
 import math
-from typing import Callable, Iterable
+from collections.abc import Callable, Iterable
 
 import torch
 
@@ -29,6 +29,15 @@ def steps(n: int, progress: bool, desc: str = "sampling") -> Iterable[int]:
 
         return trange(n, desc=desc, leave=False)
     return range(n)
+
+
+def lincomb(*terms: tuple[float, Tensor]) -> Tensor:
+    """Σ c_i T_i for scalar c_i: one fused multiply-add per term (solver updates are linear combinations)."""
+    (c0, t0), *rest = terms
+    out = t0 * c0
+    for c, t in rest:
+        out.add_(t, alpha=c)
+    return out
 
 
 def lam(sigma: float) -> float:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import torch
+
 from .base import as_floats, emit, eps_of, steps
 
 
@@ -13,7 +15,7 @@ def euler(denoiser, x, sigmas, *, cond=None, callback=None, progress=False):
     for i in steps(len(s) - 1, progress):
         d = denoiser(x, s[i], **cond)
         emit(callback, i, x, s[i], s[i + 1], d)
-        x = x + (s[i + 1] - s[i]) * eps_of(x, d, s[i])
+        x = torch.lerp(d, x, s[i + 1] / s[i])  # = D + (σ̄'/σ̄)(x̄ - D)
     return x
 
 

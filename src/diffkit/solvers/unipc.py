@@ -7,7 +7,7 @@ import math
 
 import numpy as np
 
-from .base import as_floats, emit, lam, lower_order_final_default, multistep_order, steps
+from .base import as_floats, emit, lam, lincomb, lower_order_final_default, multistep_order, steps
 
 VARIANTS = ("bh1", "bh2")
 
@@ -30,21 +30,22 @@ def _unipc_coefficients(h: float, rks: list[float], variant: str):
 
 def _unipc_update(x, si, ti, hist_d, hist_l, order, variant, d_new=None):
     """One UniP predictor step (d_new None) or UniC corrector step (d_new = D at the new point) of `order`:
-    x̄_t = (σ̄_t/σ̄_s) x̄ - (e^{-h} - 1) D_0 - B(h) Σ_k ρ_k (D_k - D_0)/r_k  [+ ρ_c (D_t - D_0) for UniC]."""
+    x̄_t = (σ̄_t/σ̄_s) x̄ - (e^{-h} - 1) D_0 - B(h) Σ_k ρ_k (D_k - D_0)/r_k  [+ ρ_c (D_t - D_0) for UniC],
+    evaluated as one linear combination of x̄, D_0, D_k (and D_t)."""
     h = math.log(si / ti)
     rks = [(hist_l[k] - hist_l[0]) / h for k in range(1, order)]
-    diffs = [(hist_d[k] - hist_d[0]) / r for k, r in zip(range(1, order), rks)]
     R, b, h_phi_1, b_h = _unipc_coefficients(h, rks + [1.0], variant)
-    x_new = (ti / si) * x - h_phi_1 * hist_d[0]
     if d_new is None:
-        if not diffs:
-            return x_new
-        rhos = [0.5] if order == 2 else np.linalg.solve(R[:-1, :-1], b[:-1])
+        rhos = [] if not rks else ([0.5] if order == 2 else np.linalg.solve(R[:-1, :-1], b[:-1]).tolist())
     else:
-        rhos = [0.5] if order == 1 else np.linalg.solve(R, b)
-        diffs = diffs + [d_new - hist_d[0]]
-    res = sum(float(rho) * dk for rho, dk in zip(rhos, diffs))
-    return x_new - b_h * res
+        rhos = [0.5] if order == 1 else np.linalg.solve(R, b).tolist()
+    # coefficients of (D_k - D_0)/r_k for k < order, and of (D_t - D_0) (r = 1) for UniC
+    weights = [-b_h * rho / r for rho, r in zip(rhos, rks + [1.0])]
+    terms = [(ti / si, x), (-h_phi_1 - sum(weights), hist_d[0])]
+    terms += [(w, hist_d[k]) for k, w in zip(range(1, order), weights)]
+    if d_new is not None:
+        terms.append((weights[-1], d_new))
+    return lincomb(*terms)
 
 
 def unipc(denoiser, x, sigmas, *, order: int = 3, variant: str = "bh2", corrector: bool = True,
