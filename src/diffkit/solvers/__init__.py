@@ -177,6 +177,9 @@ def plan(solver: str | None = None, *, process=None, nfe: int | None = None, ste
                 raise ValueError(f"a budget of {nfe} model calls is below the minimum of {spec.min_nfe} for "
                                  f"solver {solver!r}")
             steps, extra = spec.budget(nfe, end, options)
+            if steps < 1:
+                raise ValueError(f"a budget of {nfe} model calls is too small for solver {solver!r} with "
+                                 f"end={end!r}")
             options = {**extra, **options} if "orders" not in extra else {**options, **extra}
         elif steps is None:
             steps = 10
