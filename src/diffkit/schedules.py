@@ -130,6 +130,8 @@ def get_sigmas(name: str, steps: int, *, process: Process | None = None, sigma_m
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
         raise ValueError(f"steps must be a positive integer; got {steps!r}")
     if name == "list":
+        if "sigmas" not in kwargs:
+            raise TypeError("schedule 'list' needs sigmas=[...]")
         s = torch.as_tensor(kwargs.pop("sigmas"), dtype=torch.float64)
         _no_extra(name, kwargs)
         return validate_sigmas(s)
@@ -144,12 +146,14 @@ def get_sigmas(name: str, steps: int, *, process: Process | None = None, sigma_m
         else:
             t = _native_times(process, m, name)
         body = process.sigma_bar(t).to(torch.float64)
+    elif name == "loglinear":
+        if "sigmas" not in kwargs:
+            raise TypeError("schedule 'loglinear' needs sigmas=[...] (the list to resample)")
+        body = loglinear_interp(kwargs.pop("sigmas"), m)
+        _no_extra(name, kwargs)
     else:
         lo, hi = _sigma_range(process, sigma_min, sigma_max)
-        if name == "loglinear":
-            body = loglinear_interp(kwargs.pop("sigmas"), m)
-        else:
-            body = _SIGMA_FAMILIES[name](m, lo, hi, **_pop_known(kwargs, ("rho",)))
+        body = _SIGMA_FAMILIES[name](m, lo, hi, **_pop_known(kwargs, ("rho",)))
         _no_extra(name, kwargs)
     if name in _TIME_DIFFUSERS or end == "zero":
         tail = 0.0 if end == "zero" else float(_sigma_range(process, sigma_min, sigma_max)[0])
