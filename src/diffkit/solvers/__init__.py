@@ -22,7 +22,7 @@ from .unipc import unipc
 
 Tensor = torch.Tensor
 
-__all__ = ["sample", "solvers", "get_solver", "SolverSpec", "DEFAULTS", "default_for", "plan"]
+__all__ = ["sample", "solvers", "get_solver", "SolverSpec", "Choice", "DEFAULTS", "default_for", "plan"]
 
 
 def _one_call_per_step(sig: list[float], opts: dict) -> int:
@@ -117,18 +117,29 @@ _REGISTRY: dict[str, SolverSpec] = {
     ]
 }
 
-# Default solver per budget of model calls, chosen from bench/solvers.py (see BENCHMARKS.md):
-# (largest nfe this row covers, solver, schedule, options).
-DEFAULTS: list[tuple[int, str, str, dict]] = [
-    (10**9, "unipc", "logsnr", {}),
+@dataclass(frozen=True)
+class Choice:
+    """A complete sampler configuration: solver, its options, schedule (with options) and end."""
+
+    solver: str
+    schedule: str
+    end: str = "zero"
+    options: dict = field(default_factory=dict)
+    schedule_options: dict = field(default_factory=dict)
+
+
+# Default configuration per budget of model calls, chosen from bench/solvers.py (see BENCHMARKS.md):
+# rows of (largest nfe the row covers, choice).
+DEFAULTS: list[tuple[int, Choice]] = [
+    (10**9, Choice("unipc", "logsnr")),
 ]
 
 
-def default_for(nfe: int) -> tuple[str, str, dict]:
-    """The default (solver, schedule, options) for a budget of `nfe` calls."""
-    for top, name, schedule, opts in DEFAULTS:
+def default_for(nfe: int) -> Choice:
+    """The default configuration for a budget of `nfe` model calls."""
+    for top, choice in DEFAULTS:
         if nfe <= top:
-            return name, schedule, dict(opts)
+            return choice
     raise AssertionError("DEFAULTS must cover every budget")
 
 
@@ -153,23 +164,29 @@ def _check_count(value, what: str):
 
 
 def plan(solver: str | None = None, *, process=None, nfe: int | None = None, steps: int | None = None,
-         schedule: str | Sequence[float] | Tensor | None = None, end: str = "zero", options: dict | None = None,
-         sigma_min: float | None = None, sigma_max: float | None = None) -> tuple[SolverSpec, Tensor, dict, int]:
-    """Resolve what `sample` will run: (solver spec, σ̄ grid, solver options, model calls it will make)."""
+         schedule: str | Sequence[float] | Tensor | None = None, end: str | None = None, options: dict | None = None,
+         schedule_options: dict | None = None, sigma_min: float | None = None,
+         sigma_max: float | None = None) -> tuple[SolverSpec, Tensor, dict, int]:
+    """Resolve what `sample` will run: (solver spec, σ̄ grid, solver options, model calls it will make).
+
+    With no solver named, the budget's default `Choice` fills in solver, schedule, end and options (explicit
+    arguments still win)."""
     nfe, steps = _check_count(nfe, "nfe"), _check_count(steps, "steps")
     if nfe is not None and steps is not None:
         raise ValueError("give either nfe (a budget of model calls) or steps, not both")
-    if end not in ENDS:
+    if end is not None and end not in ENDS:
         raise ValueError(f"unknown schedule end {end!r}; valid: {', '.join(ENDS)}")
-    options = dict(options or {})
+    options, schedule_options = dict(options or {}), dict(schedule_options or {})
     if solver is None:
-        solver, default_schedule, default_opts = default_for(nfe or (steps or 10))
-        options = {**default_opts, **options}
-        schedule = schedule if schedule is not None else default_schedule
+        choice = default_for(nfe or steps or 10)
+        solver, options = choice.solver, {**choice.options, **options}
+        if schedule is None:
+            schedule, schedule_options = choice.schedule, {**choice.schedule_options, **schedule_options}
+        end = end or choice.end
+    end = end or "zero"
     spec = get_solver(solver)
     options = {**spec.preset, **options}
-    explicit_grid = schedule is not None and not isinstance(schedule, str)
-    if explicit_grid:
+    if schedule is not None and not isinstance(schedule, str):
         sigmas = validate_sigmas(schedule)
     else:
         if nfe is not None:
@@ -180,11 +197,11 @@ def plan(solver: str | None = None, *, process=None, nfe: int | None = None, ste
             if steps < 1:
                 raise ValueError(f"a budget of {nfe} model calls is too small for solver {solver!r} with "
                                  f"end={end!r}")
-            options = {**extra, **options} if "orders" not in extra else {**options, **extra}
+            options = {**options, **extra}
         elif steps is None:
             steps = 10
         sigmas = get_sigmas(schedule or spec.schedule, steps, process=process, sigma_min=sigma_min,
-                            sigma_max=sigma_max, end=end)
+                            sigma_max=sigma_max, end=end, **schedule_options)
     calls = spec.calls([float(s) for s in sigmas], options)
     if nfe is not None and calls > nfe:
         raise ValueError(f"solver {solver!r} needs {calls} model calls on this grid, above the budget of {nfe}")
@@ -204,8 +221,9 @@ class _CallCounter:
 
 
 def sample(denoiser, noise: Tensor, *, solver: str | None = None, nfe: int | None = None,
-           steps: int | None = None, schedule: str | Sequence[float] | Tensor | None = None, end: str = "zero",
-           options: dict | None = None, cond: dict | None = None, generator: torch.Generator | None = None,
+           steps: int | None = None, schedule: str | Sequence[float] | Tensor | None = None,
+           end: str | None = None, options: dict | None = None, schedule_options: dict | None = None,
+           cond: dict | None = None, generator: torch.Generator | None = None,
            callback: Callable | None = None, progress: bool = False, return_info: bool = False,
            sigma_min: float | None = None, sigma_max: float | None = None):
     """Solve the probability-flow ODE from noise to data (Song et al. 2021, "Score-Based Generative Modeling
@@ -214,9 +232,10 @@ def sample(denoiser, noise: Tensor, *, solver: str | None = None, nfe: int | Non
     `denoiser` is a `diffkit.Denoiser` (or any callable D(x̄, σ̄), then give `schedule` as a grid or
     `sigma_min`/`sigma_max`). `noise` is standard normal and is mapped to the start of the process (VE/EDM:
     x = σ_max noise; VP: x_T = noise; Flow: x_1 = noise). `nfe` is a hard budget of model calls, `steps` a step
-    count (give one; default: 10 steps). `schedule` is a schedule name (see `diffkit.schedules.schedules()`) or
-    an explicit σ̄ grid; `end` is 'zero' (final denoising step) or 'sigma_min'. `options` go to the solver,
-    `cond` to the model. Returns the samples in native space (and an info dict with `return_info`).
+    count (give one; default: 10 steps). `schedule` is a schedule name (see `diffkit.schedules.schedules()`,
+    with `schedule_options` such as rho) or an explicit σ̄ grid; `end` is 'zero' (final denoising step) or
+    'sigma_min' (default: 'zero', or the default configuration's when no solver is named). `options` go to
+    the solver, `cond` to the model. Returns the samples in native space (and an info dict with `return_info`).
     """
     if not isinstance(noise, Tensor) or not noise.is_floating_point():
         raise TypeError("noise must be a floating-point tensor of shape (batch, ...)")
@@ -228,7 +247,8 @@ def sample(denoiser, noise: Tensor, *, solver: str | None = None, nfe: int | Non
     if process is None and schedule is None and (sigma_min is None or sigma_max is None):
         raise ValueError("a denoiser without a process needs an explicit sigma grid or sigma_min and sigma_max")
     spec, sigmas, options, calls = plan(solver, process=process, nfe=nfe, steps=steps, schedule=schedule,
-                                        end=end, options=options, sigma_min=sigma_min, sigma_max=sigma_max)
+                                        end=end, options=options, schedule_options=schedule_options,
+                                        sigma_min=sigma_min, sigma_max=sigma_max)
     s0, s_end = float(sigmas[0]), float(sigmas[-1])
     x = noise * s0 if process is None else process.noise_to_canonical(noise, s0).to(noise.dtype)
     if hasattr(denoiser, "prepare"):
