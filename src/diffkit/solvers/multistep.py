@@ -3,8 +3,8 @@
 A k-step Adams–Bashforth step extrapolates ε̂ by the Lagrange polynomial through the last k values, taken
 in some coordinate v(σ̄), and integrates it exactly over the step:
     x̄_{i+1} = x̄_i - Σ_j c_j ε̂_{i-j},   c_j = ∫_{σ̄_{i+1}}^{σ̄_i} L_j(v(σ̄)) dσ̄
-(16-point Gauss–Legendre quadrature, exact for the polynomial coordinates). The coordinate is what tells the
-methods apart:
+(16-point Gauss–Legendre quadrature in σ̄ for coordinates polynomial in σ̄, in log σ̄ for the others).
+The coordinate is what tells the methods apart:
 * ``lms``   v = σ̄: k-diffusion's linear multistep (Karras et al. 2022, Sec. 3, "LMS").
 * ``deis``  v = native time t: DEIS tAB ("Fast Sampling of Diffusion Models with Exponential Integrator",
             Zhang & Chen 2022, Eq. 14); ``coordinate="log_sigma"`` is diffusers' log-ρ variant.
@@ -37,11 +37,19 @@ def _lagrange_weights(nodes: list[float], v: np.ndarray) -> np.ndarray:
     return out
 
 
-def ab_coefficients(nodes: list[float], v_of_sigma, s_hi: float, s_lo: float) -> np.ndarray:
-    """c_j = ∫_{s_lo}^{s_hi} L_j(v(σ̄)) dσ̄ for Lagrange nodes `nodes` (newest first)."""
-    half = 0.5 * (s_hi - s_lo)
-    sig = half * _GL_X + 0.5 * (s_hi + s_lo)
-    return half * (_lagrange_weights(nodes, v_of_sigma(sig)) * _GL_W).sum(1)
+def ab_coefficients(nodes: list[float], v_of_sigma, s_hi: float, s_lo: float, log_space: bool) -> np.ndarray:
+    """c_j = ∫_{s_lo}^{s_hi} L_j(v(σ̄)) dσ̄ for Lagrange nodes `nodes` (newest first), by Gauss–Legendre in σ̄
+    (exact when v is polynomial in σ̄) or, with `log_space`, in u = log σ̄ with dσ̄ = e^u du (smooth for
+    coordinates like log σ̄ or native time, whose steps span orders of magnitude in σ̄)."""
+    if log_space:
+        a, b = math.log(s_lo), math.log(s_hi)
+        u = 0.5 * (b - a) * _GL_X + 0.5 * (a + b)
+        sig = np.exp(u)
+        w = 0.5 * (b - a) * _GL_W * sig
+    else:
+        sig = 0.5 * (s_hi - s_lo) * _GL_X + 0.5 * (s_hi + s_lo)
+        w = 0.5 * (s_hi - s_lo) * _GL_W
+    return (_lagrange_weights(nodes, v_of_sigma(sig)) * w).sum(1)
 
 
 def _coordinate(denoiser, coordinate: str, s: list[float]):
@@ -90,9 +98,9 @@ def adams_bashforth(denoiser, x, sigmas, *, order: int = 3, coordinate: str = "t
         if v_of is None:  # step index: v = i + (σ̄_i - σ̄)/(σ̄_i - σ̄_{i+1}) within the step
             def v_step(sig, i=i, si=si, ti=ti):
                 return i + (si - sig) / (si - ti)
-            c = ab_coefficients(hist_v[:o], v_step, si, ti)
+            c = ab_coefficients(hist_v[:o], v_step, si, ti, log_space=False)
         else:
-            c = ab_coefficients(hist_v[:o], v_of, si, ti)
+            c = ab_coefficients(hist_v[:o], v_of, si, ti, log_space=not smooth_to_zero)
         x = x - sum(float(cj) * ej for cj, ej in zip(c, hist_e[:o]))
     return x
 
