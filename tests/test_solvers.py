@@ -179,6 +179,37 @@ def test_every_solver_runs_from_sample_to_the_exact_answer(smooth_problem):
         assert err < tol, (name, err)
 
 
+# -- float32 ----------------------------------------------------------------------------------------------------
+
+PNDM_FLOAT32_BUG = (
+    "BUG: pndm loses float32 precision on processes with a large σ̄_max. Its pseudo Runge-Kutta warm-up takes "
+    "noise-form stages x̄ - (σ̄_i - σ̄_mid) ε̂ in canonical coordinates, where x̄ ~ σ̄_i: on Flow (σ̄_max = 999, "
+    "default 'trailing' grid) each stage cancels numbers ~2000 to leave ~20 and re-expands the rounding error by "
+    "(σ̄_i - σ̄_next)/σ̄_stage; float32 and float64 results differ by 0.5 at nfe=13 (2.8e-4 at nfe=40) on unit-scale "
+    "data, while every other deterministic solver stays below 1.2e-4")
+
+
+@pytest.mark.parametrize("name", [n for n in DETERMINISTIC if n != "dpm_adaptive"])
+@pytest.mark.parametrize("pname, pred", [("vp_discrete_linear", "eps"), ("edm", "edm"), ("flow", "flow")])
+def test_float32_in_float32_out(pname, pred, name, request):
+    """float32 noise gives a float32 result that keeps ~3 digits of the float64 one (data scale ~1)."""
+    if name == "pndm" and pname == "flow":
+        request.applymarker(pytest.mark.xfail(strict=True, reason=PNDM_FLOAT32_BUG))
+    den = smooth_mixture().denoiser(PROCESSES[pname](), pred)
+    noise = torch.randn(16, 2, generator=torch.Generator().manual_seed(9), dtype=F64)
+    for nfe in (13, 40):
+        lo = diffkit.sample(den, noise.float(), solver=name, nfe=nfe)
+        hi = diffkit.sample(den, noise, solver=name, nfe=nfe)
+        assert lo.dtype == torch.float32 and hi.dtype == F64
+        assert float((lo.double() - hi).abs().max()) < 1e-3, (nfe, float((lo.double() - hi).abs().max()))
+
+
+def test_dpm_adaptive_keeps_dtype():
+    den = smooth_mixture().denoiser(EDM(), "edm")
+    out = diffkit.sample(den, torch.randn(4, 2), solver="dpm_adaptive", nfe=30)
+    assert out.dtype == torch.float32 and torch.isfinite(out).all()
+
+
 # -- every process gives the same canonical trajectories -----------------------------------------------------
 
 EQUIV = [("vp_discrete_linear", "eps"), ("vp_linear", "v"), ("vp_cosine", "x0"), ("ve", "score"), ("edm", "edm"),
