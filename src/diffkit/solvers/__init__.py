@@ -13,11 +13,13 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ..noise import make_noise_sampler
 from ..schedules import ENDS, get_sigmas, validate_sigmas
 from .adaptive import dpm_adaptive
 from .dpm import dpm_solver, dpmpp_2s, dpmpp_multistep, singlestep_orders
 from .euler import euler, heun
 from .multistep import deis, ipndm, lms, pndm
+from .stochastic import ddim_eta, ddpm, dpmpp_sde, edm_sde, euler_ancestral, euler_maruyama, pc, sa_solver, ts_sampler
 from .unipc import unipc
 
 Tensor = torch.Tensor
@@ -57,6 +59,7 @@ class SolverSpec:
     schedule: str = "logsnr"
     preset: dict = field(default_factory=dict)
     summary: str = ""
+    stochastic: bool = False  # takes a noise sampler `noise(sigma, sigma_next)` (see diffkit.noise)
 
 
 def _budget_one(nfe, end, opts):
@@ -116,6 +119,47 @@ _REGISTRY: dict[str, SolverSpec] = {
               summary="DPM-Solver-23 adaptive step size in log-SNR"),
     ]
 }
+
+
+def _pc_calls(sig: list[float], opts: dict) -> int:
+    return (1 + opts.get("n_corrector", 1)) * (len(sig) - 1)
+
+
+def _budget_pc(nfe, end, opts):
+    return nfe // (1 + opts.get("n_corrector", 1)), {}
+
+
+# Stochastic samplers (solvers/stochastic.py): `sample` hands them a noise sampler (generator / seeds / noise_kind).
+_REGISTRY.update({
+    s.name: s
+    for s in [
+        _spec("ddpm", ddpm, schedule="karras", stochastic=True,
+              summary="DDPM ancestral sampling (posterior variance; variance='large' for beta)"),
+        _spec("ddim_eta", ddim_eta, schedule="karras", stochastic=True, preset={"eta": 1.0},
+              summary="DDIM with eta (eta=0: DDIM, eta=1: DDPM)"),
+        _spec("euler_ancestral", euler_ancestral, schedule="karras", stochastic=True,
+              summary="Euler-ancestral (eta, s_noise)"),
+        _spec("edm_sde", edm_sde, _two_calls_per_step, _budget_two, schedule="karras", stochastic=True,
+              preset={"s_churn": 40.0, "s_tmin": 0.05, "s_tmax": 50.0, "s_noise": 1.0},
+              summary="EDM stochastic sampler (S_churn, S_tmin, S_tmax, S_noise), Heun steps"),
+        _spec("dpmpp_2m_sde", dpmpp_sde, stochastic=True, preset={"order": 2, "solver_type": "midpoint"},
+              summary="SDE-DPM-Solver++(2M), midpoint"),
+        _spec("dpmpp_2m_sde_heun", dpmpp_sde, stochastic=True, preset={"order": 2, "solver_type": "heun"},
+              summary="SDE-DPM-Solver++(2M), Heun (exact linear term)"),
+        _spec("dpmpp_3m_sde", dpmpp_sde, stochastic=True, preset={"order": 3, "solver_type": "heun"},
+              summary="SDE-DPM-Solver++(3M)"),
+        _spec("sa_solver", sa_solver, stochastic=True, summary="SA-Solver: stochastic Adams predictor-corrector"),
+        _spec("euler_maruyama", euler_maruyama, schedule="karras", stochastic=True,
+              summary="Euler-Maruyama on the reverse SDE of the process"),
+        _spec("pc", pc, _pc_calls, _budget_pc, min_nfe=2, schedule="karras", stochastic=True,
+              summary="predictor-corrector: ancestral predictor + Langevin corrector (snr)"),
+        _spec("ts_ddpm", ts_sampler, schedule="karras", stochastic=True, preset={"eta": 1.0},
+              summary="time-shift sampler (exposure bias) on DDPM steps"),
+        _spec("ts_ddim", ts_sampler, schedule="karras", stochastic=True, preset={"eta": 0.0},
+              summary="time-shift sampler (exposure bias) on DDIM steps"),
+    ]
+})
+
 
 @dataclass(frozen=True)
 class Choice:
@@ -223,7 +267,8 @@ class _CallCounter:
 def sample(denoiser, noise: Tensor, *, solver: str | None = None, nfe: int | None = None,
            steps: int | None = None, schedule: str | Sequence[float] | Tensor | None = None,
            end: str | None = None, options: dict | None = None, schedule_options: dict | None = None,
-           cond: dict | None = None, generator: torch.Generator | None = None,
+           cond: dict | None = None, generator: torch.Generator | Sequence[torch.Generator] | None = None,
+           seeds: Sequence[int] | None = None, noise_kind: str | Callable | None = None,
            callback: Callable | None = None, progress: bool = False, return_info: bool = False,
            sigma_min: float | None = None, sigma_max: float | None = None):
     """Solve the probability-flow ODE from noise to data (Song et al. 2021, "Score-Based Generative Modeling
@@ -236,6 +281,13 @@ def sample(denoiser, noise: Tensor, *, solver: str | None = None, nfe: int | Non
     with `schedule_options` such as rho) or an explicit σ̄ grid; `end` is 'zero' (final denoising step) or
     'sigma_min' (default: 'zero', or the default configuration's when no solver is named). `options` go to
     the solver, `cond` to the model. Returns the samples in native space (and an info dict with `return_info`).
+
+    Stochastic solvers (`get_solver(name).stochastic`) draw their step noise from a noise sampler built here:
+    `noise_kind` 'gaussian' (default) or 'brownian' (a Brownian tree over σ̄: outputs converge as steps grow), or
+    a ready callable noise(sigma, sigma_next). Its randomness: `generator` (one torch.Generator for the batch,
+    or a list of one generator per sample) or `seeds` (one integer per sample: sample i then depends only on
+    seeds[i]; draw the start with `diffkit.noise.randn(shape, seeds=seeds)` for the same guarantee), else
+    torch's global generator. Deterministic solvers ignore them.
     """
     if not isinstance(noise, Tensor) or not noise.is_floating_point():
         raise TypeError("noise must be a floating-point tensor of shape (batch, ...)")
@@ -256,6 +308,8 @@ def sample(denoiser, noise: Tensor, *, solver: str | None = None, nfe: int | Non
     counter = _CallCounter(denoiser)
     info: dict = {}
     kwargs = dict(cond=cond, callback=callback, progress=progress, **options)
+    if spec.stochastic:
+        kwargs["noise"] = make_noise_sampler(noise_kind, x, sigmas, generator=generator, seeds=seeds)
     if spec.fn is dpm_adaptive:
         kwargs["info"] = info
     out = spec.fn(counter, x, sigmas, **kwargs)
