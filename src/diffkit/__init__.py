@@ -5,12 +5,13 @@ x̄ = x_t / alpha(t), σ̄ = sigma(t) / alpha(t); a `Denoiser` converts any netw
 solver, schedule and testbed speaks (x̄, σ̄, D).
 """
 
-from . import schedules, testbeds
+from . import metrics, noise, schedules, testbeds
 from .denoiser import PREDICTIONS, Denoiser
+from .likelihood import bits_per_dim, likelihood
 from .processes import EDM, VE, VP, Flow, Interpolant, Process
 from .schedules import get_sigmas
 from .solvers import sample, solvers
 
 __all__ = ["Denoiser", "PREDICTIONS", "Process", "VP", "VE", "EDM", "Flow", "Interpolant", "sample", "solvers",
-           "get_sigmas", "schedules", "testbeds"]
+           "get_sigmas", "schedules", "testbeds", "likelihood", "bits_per_dim", "metrics", "noise"]
 __version__ = "0.1.0"
