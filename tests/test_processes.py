@@ -135,12 +135,20 @@ def test_closed_forms():
 
 
 def test_flow_shift_warp():
-    u = torch.tensor([0.0, 0.25, 0.5, 0.75, 1.0], dtype=F64)
-    f3 = Flow(shift=3.0)
-    # SD3 shift t = s u / (1 + (s-1) u): ends fixed, s=3 maps 0.5 -> 0.75
-    torch.testing.assert_close(f3.uniform_time_warp(u), 3 * u / (1 + 2 * u), rtol=1e-15, atol=0)
-    assert float(f3.uniform_time_warp(torch.tensor(0.5, dtype=F64))) == pytest.approx(0.75, abs=1e-15)
-    torch.testing.assert_close(Flow().uniform_time_warp(u), u, rtol=0, atol=0)
+    f3 = Flow(shift=3.0, t_min=0.0 + 1e-12, t_max=1.0 - 1e-12)
+    u = torch.tensor([1e-12, 0.25, 0.5, 0.75, 1.0 - 1e-12], dtype=F64)
+    # SD3 shift t = s u / (1 + (s-1) u) on the position within [t_min, t_max]: s=3 maps 0.5 -> 0.75
+    torch.testing.assert_close(f3.uniform_time_warp(u), 3 * u / (1 + 2 * u), rtol=1e-10, atol=1e-10)
+    assert float(f3.uniform_time_warp(torch.tensor(0.5, dtype=F64))) == pytest.approx(0.75, abs=1e-10)
+    # on the default range [1e-3, 1 - 1e-3] the ends stay fixed
+    fd = Flow(shift=3.0)
+    ends = torch.tensor([fd.t_min, fd.t_max], dtype=F64)
+    torch.testing.assert_close(fd.uniform_time_warp(ends), ends, rtol=0, atol=1e-15)
+    w = (0.5 - fd.t_min) / (fd.t_max - fd.t_min)
+    expect = fd.t_min + (fd.t_max - fd.t_min) * 3 * w / (1 + 2 * w)
+    assert float(fd.uniform_time_warp(torch.tensor(0.5, dtype=F64))) == pytest.approx(expect, abs=1e-12)
+    u = torch.linspace(0.1, 0.9, 5, dtype=F64)
+    torch.testing.assert_close(Flow().uniform_time_warp(u), u, rtol=0, atol=1e-15)
     # the shift warps schedules only: σ̄(t) and its inverse are the plain interpolant's
     t = f3.uniform_time_warp(torch.linspace(0.01, 0.99, 33, dtype=F64))
     torch.testing.assert_close(f3.sigma_bar(t), t / (1 - t), rtol=1e-14, atol=0)

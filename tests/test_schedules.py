@@ -18,11 +18,6 @@ SCHEDULE_PROCESSES = ["vp_discrete_linear", "vp_discrete_scaled", "vp_linear", "
 # families whose non-zero levels span exactly [σ̄_min, σ̄_max] (module docstring)
 SPANNING = ["karras", "exponential", "logsnr", "polyexponential", "linspace", "time_quadratic", "loglinear"]
 
-FLOW_SHIFT_BUG = ("BUG: Flow(shift != 1) warps the uniform grid u in [t_min, t_max] with t = s u/(1+(s-1)u), which "
-                  "maps t_max=0.999 to 0.99967 and t_min=0.001 to 0.003: the grid starts at σ̄ = 2997 > σ̄_max = 999 "
-                  "and its smallest level is 0.003, not σ̄_min = 0.001")
-LEADING_SIGMA_MIN_BUG = ("BUG: 'leading' with end='sigma_min' (offset 0) always raises: the leading grid already "
-                         "ends at t_min, so appending σ̄_min duplicates the last level (not strictly decreasing)")
 
 
 def _kwargs(name: str, process, steps: int, end: str) -> dict:
@@ -47,12 +42,8 @@ def test_registry():
 @pytest.mark.parametrize("end", ENDS)
 @pytest.mark.parametrize("name", schedules())
 @pytest.mark.parametrize("pname", SCHEDULE_PROCESSES)
-def test_grid_shape_and_end(pname, name, end, request):
+def test_grid_shape_and_end(pname, name, end):
     process = PROCESSES[pname]()
-    if name == "leading" and end == "sigma_min" and pname != "flow_shift3":
-        request.applymarker(pytest.mark.xfail(reason=LEADING_SIGMA_MIN_BUG, strict=True, raises=ValueError))
-    if pname == "flow_shift3" and name in ("linspace", "time_quadratic") and end == "sigma_min":
-        request.applymarker(pytest.mark.xfail(reason=FLOW_SHIFT_BUG, strict=True))
     for steps in (1, 2, 7, 20):
         s = get_sigmas(name, steps, process=process, end=end, **_kwargs(name, process, steps, end))
         assert s.dtype == F64 and s.ndim == 1
@@ -70,10 +61,8 @@ def test_grid_shape_and_end(pname, name, end, request):
 @pytest.mark.parametrize("end", ENDS)
 @pytest.mark.parametrize("name", SPANNING)
 @pytest.mark.parametrize("pname", SCHEDULE_PROCESSES)
-def test_spanning_grids_include_both_ends(pname, name, end, request):
+def test_spanning_grids_include_both_ends(pname, name, end):
     process = PROCESSES[pname]()
-    if pname == "flow_shift3" and name in ("linspace", "time_quadratic"):
-        request.applymarker(pytest.mark.xfail(reason=FLOW_SHIFT_BUG, strict=True))
     for steps in (2, 7, 20):
         s = get_sigmas(name, steps, process=process, end=end, **_kwargs(name, process, steps, end))
         positive = s[s > 0]
@@ -82,24 +71,17 @@ def test_spanning_grids_include_both_ends(pname, name, end, request):
 
 
 @pytest.mark.parametrize("pname", SCHEDULE_PROCESSES)
-def test_trailing_starts_at_sigma_max(pname, request):
+def test_trailing_starts_at_sigma_max(pname):
     """diffusers' 'trailing' spacing starts at the last training time, i.e. σ̄_max."""
     process = PROCESSES[pname]()
-    if pname == "flow_shift3":
-        request.applymarker(pytest.mark.xfail(reason=FLOW_SHIFT_BUG, strict=True))
     for steps in (1, 5, 20):
         s = get_sigmas("trailing", steps, process=process)
         assert float(s[0]) == pytest.approx(process.sigma_bar_max, rel=1e-9)
 
 
 @pytest.mark.parametrize("name", SPANNING)
-def test_one_step_starts_at_sigma_max(name, request):
+def test_one_step_starts_at_sigma_max(name):
     """A one-step grid ending at zero is [σ̄_max, 0]: sampling must start from the noisiest level."""
-    if name == "loglinear":
-        request.applymarker(pytest.mark.xfail(strict=True, reason=(
-            "BUG: loglinear_interp(sigmas, 1) returns the smallest level of the list (np.linspace(0, 1, 1) = [0] "
-            "indexes the list after it was reversed to increasing order), so get_sigmas('loglinear', 1) is "
-            "[σ̄_min, 0] instead of [σ̄_max, 0]")))
     process = EDM()
     s = get_sigmas(name, 1, process=process, **_kwargs(name, process, 1, "zero"))
     torch.testing.assert_close(s, torch.tensor([80.0, 0.0], dtype=F64), rtol=1e-12, atol=0)
@@ -229,9 +211,6 @@ def test_list_schedule():
     torch.testing.assert_close(s, torch.tensor([5.0, 1.0, 0.2, 0.0], dtype=F64), rtol=0, atol=0)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG: get_sigmas('list', steps, sigmas=...) ignores steps (and end): it returns the list whatever its length, "
-    "breaking the 'steps + 1 levels' contract silently instead of raising"))
 def test_list_length_must_match_steps():
     with pytest.raises(ValueError):
         get_sigmas("list", 5, sigmas=[5.0, 1.0, 0.2, 0.0])

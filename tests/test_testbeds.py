@@ -263,10 +263,6 @@ def test_presets():
     assert not torch.allclose(other.means, rnd.means)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG: GaussianMixture.ring and .grid build their stds with torch.full((K,), std), a float32 tensor, so the "
-    "float64 testbed's variances are float32-rounded (ring(std=0.1) has variance 0.010000000298, 3e-8 off): "
-    "exact answers computed from the preset's parameters disagree at 1e-8"))
 def test_presets_keep_float64_parameters():
     ring = GaussianMixture.ring(n_modes=4, std=0.1)
     grid = GaussianMixture.grid(side=2, std=0.1)
@@ -309,10 +305,6 @@ def test_bad_point_shapes():
                 fn(torch.zeros(shape), 1.0)
 
 
-@pytest.mark.xfail(strict=True, raises=RuntimeError, reason=(
-    "BUG: GaussianMixture._flat checks `x.shape[-1] != dim and x[0].numel() != dim`, so an input whose last "
-    "axis happens to equal dim but with more features per point, e.g. (5, 2, 2) for dim 2, or an unbatched point "
-    "(2,), passes the check and fails later in reshape with a RuntimeError instead of a ValueError"))
 @pytest.mark.parametrize("shape", [(5, 2, 2), (2,)])
 def test_bad_point_shapes_with_matching_last_axis(shape):
     gm = GaussianMixture.ring()

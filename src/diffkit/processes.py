@@ -255,7 +255,7 @@ class LinearVP(_UnitStart):
 class CosineVP(_UnitStart):
     """Continuous cosine VP (Nichol & Dhariwal 2021): alpha(t) = cos((t+s)/(1+s) π/2) / cos(s/(1+s) π/2).
 
-    t_max defaults to 0.9946 as in DPM-Solver, where σ̄ is still finite (≈ 78).
+    t_max defaults to 0.9946 as in DPM-Solver, where σ̄ is still finite (≈ 119).
     """
 
     def __init__(self, s: float = 0.008, t_min: float = 1e-3, t_max: float = 0.9946):
@@ -433,7 +433,8 @@ class Flow(_UnitStart):
     "Flow Matching for Generative Modeling", Lipman et al. 2023); σ̄ = t/(1-t), t = σ̄/(1+σ̄).
 
     `shift` is the SD3 time shift t = s u / (1 + (s-1) u) ("Scaling Rectified Flow Transformers", Esser et al.
-    2024, Eq. 23) applied to uniform-in-time schedules; the model always receives the interpolant time t.
+    2024, Eq. 23) applied to uniform-in-time schedules (on the position within [t_min, t_max], which keeps the
+    ends); the model always receives the interpolant time t.
     The native range is [t_min, t_max] = [1e-3, 1-1e-3] by default so that σ̄ stays finite (σ̄_max = 999),
     as VP's alpha(T) > 0 does for discrete VP.
     """
@@ -466,8 +467,11 @@ class Flow(_UnitStart):
         return sb / (1 + sb)
 
     def uniform_time_warp(self, u):
-        s = self.shift
-        return s * u / (1 + (s - 1) * u)
+        """SD3 shift on the normalized position w = (u - t_min)/(t_max - t_min): w' = s w / (1 + (s-1) w),
+        so both ends of the native range stay fixed."""
+        lo, hi, s = self.t_min, self.t_max, self.shift
+        w = (u - lo) / (hi - lo)
+        return lo + (hi - lo) * (s * w / (1 + (s - 1) * w))
 
     def config(self):
         return {"type": "Flow", "shift": self.shift, "t_min": self.t_min, "t_max": self.t_max}

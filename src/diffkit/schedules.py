@@ -8,6 +8,8 @@ Every schedule states its end:
 * ``end="sigma_min"``: the grid ends at σ̄_min and the sample keeps that residual noise (diffusers'
   ``final_sigmas_type="sigma_min"``). One more non-zero level is then spent on the grid itself.
 
+An explicit ``list`` states its own end and must have ``steps + 1`` levels.
+
 For families spanning [σ̄_min, σ̄_max] (karras, exponential/logsnr, polyexponential, linspace, time_quadratic,
 loglinear) the non-zero levels include both ends. The diffusers spacings 'trailing' and 'leading' place their
 points as diffusers does and then append the end level.
@@ -63,9 +65,7 @@ def loglinear_interp(sigmas: Sequence[float], m: int) -> Tensor:
         raise ValueError("loglinear interpolation needs a list of at least two positive levels")
     validate_sigmas(s)
     xs = np.linspace(0, 1, len(s))
-    ys = np.log(s.numpy()[::-1])  # increasing
-    new = np.exp(np.interp(np.linspace(0, 1, m), xs, ys))[::-1].copy()
-    return torch.from_numpy(new)
+    return torch.from_numpy(np.exp(np.interp(np.linspace(0, 1, m), xs, np.log(s.numpy()))))
 
 
 # -- native-time families -------------------------------------------------------------------------------------
@@ -132,9 +132,11 @@ def get_sigmas(name: str, steps: int, *, process: Process | None = None, sigma_m
     if name == "list":
         if "sigmas" not in kwargs:
             raise TypeError("schedule 'list' needs sigmas=[...]")
-        s = torch.as_tensor(kwargs.pop("sigmas"), dtype=torch.float64)
+        s = validate_sigmas(kwargs.pop("sigmas"))
         _no_extra(name, kwargs)
-        return validate_sigmas(s)
+        if len(s) != steps + 1:
+            raise ValueError(f"an explicit list of {len(s)} levels makes {len(s) - 1} steps, not {steps}")
+        return s
     m = steps if end == "zero" else steps + 1
     if name in _TIME_SPANNING or name in _TIME_DIFFUSERS:
         if process is None:
@@ -143,6 +145,10 @@ def get_sigmas(name: str, steps: int, *, process: Process | None = None, sigma_m
         _no_extra(name, kwargs)
         if name in _TIME_DIFFUSERS:
             t = _native_times(process, steps, name, offset)
+            if end == "sigma_min" and float(t[-1]) <= process.t_min:
+                # the spacing already ends at t_min (leading, offset 0): spend the extra level on the spacing
+                t = _native_times(process, steps + 1, name, offset)
+                end = "included"
         else:
             t = _native_times(process, m, name)
         body = process.sigma_bar(t).to(torch.float64)
@@ -155,7 +161,7 @@ def get_sigmas(name: str, steps: int, *, process: Process | None = None, sigma_m
         lo, hi = _sigma_range(process, sigma_min, sigma_max)
         body = _SIGMA_FAMILIES[name](m, lo, hi, **_pop_known(kwargs, ("rho",)))
         _no_extra(name, kwargs)
-    if name in _TIME_DIFFUSERS or end == "zero":
+    if end == "zero" or (name in _TIME_DIFFUSERS and end == "sigma_min"):
         tail = 0.0 if end == "zero" else float(_sigma_range(process, sigma_min, sigma_max)[0])
         body = torch.cat([body, body.new_tensor([tail])])
     return validate_sigmas(body)

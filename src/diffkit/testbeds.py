@@ -75,14 +75,14 @@ class GaussianMixture:
         """2-D ring of equally weighted isotropic modes."""
         ang = torch.arange(n_modes, dtype=_F64) * (2 * math.pi / n_modes)
         means = radius * torch.stack([ang.cos(), ang.sin()], 1)
-        return cls(means, torch.full((n_modes,), std), labels=torch.arange(n_modes))
+        return cls(means, torch.full((n_modes,), std, dtype=_F64), labels=torch.arange(n_modes))
 
     @classmethod
     def grid(cls, side: int = 4, spacing: float = 0.6, std: float = 0.06) -> GaussianMixture:
         """2-D square grid of side x side isotropic modes, centred at the origin."""
         c = (torch.arange(side, dtype=_F64) - (side - 1) / 2) * spacing
         means = torch.cartesian_prod(c, c)
-        return cls(means, torch.full((side * side,), std), labels=torch.arange(side * side))
+        return cls(means, torch.full((side * side,), std, dtype=_F64), labels=torch.arange(side * side))
 
     @classmethod
     def random(cls, dim: int, n_components: int = 8, seed: int = 0, scale: float = 1.0,
@@ -114,8 +114,9 @@ class GaussianMixture:
         return torch.einsum("kde,nke->nkd", self.eigvecs, y)
 
     def _flat(self, x: Tensor) -> tuple[Tensor, torch.Size, torch.dtype]:
-        if x.shape[-1] != self.dim and x[0].numel() != self.dim:
-            raise ValueError(f"points must have {self.dim} features; got shape {tuple(x.shape)}")
+        if x.ndim < 2 or x[0].numel() != self.dim:
+            raise ValueError(f"points must have shape (N, {self.dim}) (or (N, ...) with {self.dim} features); got "
+                             f"shape {tuple(x.shape)}")
         return x.reshape(x.shape[0], self.dim).to(_F64), x.shape, x.dtype
 
     def _sigma2(self, sigma_bar, n: int) -> Tensor:

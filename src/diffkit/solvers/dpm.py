@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 
-from .base import as_floats, emit, eps_of, lam, lower_order_final_default, multistep_order, steps
+from .base import as_floats, emit, eps_of, lam, lincomb, lower_order_final_default, multistep_order, steps
 
 
 def singlestep_orders(nfe: int, order: int) -> list[int]:
@@ -100,13 +100,15 @@ def dpmpp_2s(denoiser, x, sigmas, *, r: float = 0.5, cond=None, callback=None, p
 
 def dpmpp_multistep(denoiser, x, sigmas, *, order: int = 2, lower_order_final: bool | None = None,
                     cond=None, callback=None, progress=False):
-    """Multistep DPM-Solver++(2M)/(3M) ("DPM-Solver++", Lu et al. 2022, Alg. 2; third order as in its
-    reference code). With D_0 the newest data prediction, r_k = h_k / h and first differences
-    D1_0 = (D_0 - D_1)/r_0:
-      2M: x̄_t = (σ̄_t/σ̄_s) x̄ - (e^{-h} - 1)(D_0 + D1_0 / 2)
-      3M: x̄_t = (σ̄_t/σ̄_s) x̄ - (e^{-h} - 1) D_0 + ((e^{-h} - 1)/h + 1) D1 - ((e^{-h} - 1 + h)/h² - 1/2) D2
-    with D1 = D1_0 + r_0/(r_0 + r_1)(D1_0 - D1_1), D2 = (D1_0 - D1_1)/(r_0 + r_1). Warm-up and the step into
-    σ̄ = 0 use lower orders (`base.multistep_order`)."""
+    """Multistep DPM-Solver++(2M)/(3M) ("DPM-Solver++", Lu et al. 2022, Alg. 2 and its third-order multistep).
+    With D_0 the newest data prediction, r_k = h_k / h and first differences D1_k = (D_k - D_{k+1})/r_k:
+      2M: x̄_t = (σ̄_t/σ̄_s) x̄ - φ_1 (D_0 + D1_0 / 2)
+      3M: x̄_t = (σ̄_t/σ̄_s) x̄ - φ_1 D_0 + φ_2 D1 - 2 φ_3 D2
+    with φ_1 = e^{-h} - 1, φ_2 = φ_1/h + 1, φ_3 = φ_2/h - 1/2, D1 = D1_0 + r_0/(r_0 + r_1)(D1_0 - D1_1) ≈ h D'
+    and D2 = (D1_0 - D1_1)/(r_0 + r_1) ≈ h² D''/2. The exact data-form integral expands as
+    -φ_1 D + h φ_2 D' - h² φ_3 D'', so the D2 term carries the factor 2: the reference code and diffusers
+    use φ_3 D2, half the needed term, which leaves their "3M" second order (tests/test_solvers.py measures
+    both). Warm-up and the step into σ̄ = 0 use lower orders (`base.multistep_order`)."""
     if order not in (1, 2, 3):
         raise ValueError(f"DPM-Solver++ multistep order must be 1, 2 or 3; got {order}")
     cond = cond or {}
@@ -135,5 +137,5 @@ def dpmpp_multistep(denoiser, x, sigmas, *, order: int = 2, lower_order_final: b
         d1_1 = (hist_d[1] - hist_d[2]) / r1
         d1 = d1_0 + (r0 / (r0 + r1)) * (d1_0 - d1_1)
         d2 = (d1_0 - d1_1) / (r0 + r1)
-        x = (ti / si) * x - phi * d + (phi / h + 1) * d1 - ((phi + h) / h**2 - 0.5) * d2
+        x = lincomb((ti / si, x), (-phi, d), (phi / h + 1, d1), (-2 * ((phi + h) / h**2 - 0.5), d2))
     return x
