@@ -5,12 +5,13 @@ x̄ = x_t / alpha(t), σ̄ = sigma(t) / alpha(t); a `Denoiser` converts any netw
 solver, schedule and testbed speaks (x̄, σ̄, D).
 """
 
-from . import metrics, noise, schedules, testbeds
+# `solvers` is a callable module: diffkit.solvers() lists the solver names, diffkit.solvers.dpm is a submodule
+from . import metrics, noise, schedules, solvers, testbeds
 from .denoiser import PREDICTIONS, Denoiser
 from .likelihood import bits_per_dim, likelihood
 from .processes import EDM, VE, VP, Flow, Interpolant, Process
 from .schedules import get_sigmas
-from .solvers import sample, solvers
+from .solvers import sample
 
 __all__ = ["Denoiser", "PREDICTIONS", "Process", "VP", "VE", "EDM", "Flow", "Interpolant", "sample", "solvers",
            "get_sigmas", "schedules", "testbeds", "likelihood", "bits_per_dim", "metrics", "noise"]

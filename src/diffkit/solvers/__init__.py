@@ -8,6 +8,8 @@ result back to the process's native space.
 
 from __future__ import annotations
 
+import sys
+import types
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
@@ -320,3 +322,14 @@ def sample(denoiser, noise: Tensor, *, solver: str | None = None, nfe: int | Non
     if return_info:
         return out, {"solver": spec.name, "nfe": counter.calls, "sigmas": sigmas, "options": options}
     return out
+
+
+class _CallableModule(types.ModuleType):
+    """`diffkit.solvers` is both this subpackage (diffkit.solvers.dpm, ...) and the function listing the solver
+    names: calling the module returns `solvers()`."""
+
+    def __call__(self) -> list[str]:
+        return solvers()
+
+
+sys.modules[__name__].__class__ = _CallableModule
