@@ -2,10 +2,9 @@
 
 import pytest
 import torch
-
-from diffkit.models import DiT, MLP, UNet, build_model, count_parameters, model_config
-
 from helpers import single_threaded  # noqa: F401
+
+from diffkit.models import MLP, DiT, UNet, build_model, count_parameters, model_config
 
 
 def tiny_unet(**kw):
@@ -86,7 +85,8 @@ def test_dit_hooks_and_attention_values():
     assert model.hook_names() == ["blocks.0.attn", "blocks.0", "blocks.1.attn", "blocks.1", "out"]
     x, t = torch.randn(2, 1, 8, 8), torch.tensor([0.1, 0.9])
     shapes = {}
-    with model.hooks({"blocks.*": lambda out, name, **info: shapes.setdefault(name, (out.shape, sorted(info))) and None}):
+    record = lambda out, name, **info: shapes.setdefault(name, (out.shape, sorted(info))) and None
+    with model.hooks({"blocks.*": record}):
         model(x, t)
     assert shapes["blocks.0"] == (torch.Size([2, 16, 32]), [])
     assert shapes["blocks.0.attn"] == (torch.Size([2, 16, 32]), ["v"])

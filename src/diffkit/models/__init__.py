@@ -46,7 +46,8 @@ def model_config(model: nn.Module) -> dict:
         if type(model) is cls:
             d = dataclasses.asdict(model.config)
             return {"type": kind, **{k: list(v) if isinstance(v, tuple) else v for k, v in d.items()}}
-    raise TypeError(f"{type(model).__name__} is not a diffkit model ({', '.join(c.__name__ for _, c in MODELS.values())})")
+    valid = ", ".join(c.__name__ for _, c in MODELS.values())
+    raise TypeError(f"{type(model).__name__} is not a diffkit model ({valid})")
 
 
 def count_parameters(model: nn.Module) -> int:
