@@ -26,7 +26,9 @@ def _kwargs(name: str, process, steps: int, end: str) -> dict:
     if name == "loglinear":
         return {"sigmas": karras(10, lo, hi).tolist()}
     if name == "list":
-        body = karras(steps + 1 if end == "sigma_min" else steps, lo, hi).tolist()
+        body = karras(steps if end == "zero" else steps + 1, lo, hi).tolist()
+        if end == "replace":
+            body[-1] = 0.0
         return {"sigmas": body + ([0.0] if end == "zero" else [])}
     return {}
 
@@ -36,7 +38,7 @@ def test_registry():
     assert names == sorted(names)
     assert set(names) == {"karras", "exponential", "logsnr", "polyexponential", "linspace", "time_quadratic",
                           "trailing", "leading", "loglinear", "list"}
-    assert ENDS == ("zero", "sigma_min")
+    assert ENDS == ("zero", "sigma_min", "replace")
 
 
 @pytest.mark.parametrize("end", ENDS)
@@ -50,7 +52,7 @@ def test_grid_shape_and_end(pname, name, end):
         assert len(s) == steps + 1, (steps, s)
         assert (s[1:] < s[:-1]).all(), s
         assert torch.isfinite(s).all() and (s[:-1] > 0).all()
-        if end == "zero":
+        if end in ("zero", "replace"):
             assert s[-1] == 0
         else:
             assert s[-1] > 0
@@ -67,7 +69,12 @@ def test_spanning_grids_include_both_ends(pname, name, end):
         s = get_sigmas(name, steps, process=process, end=end, **_kwargs(name, process, steps, end))
         positive = s[s > 0]
         assert float(positive[0]) == pytest.approx(process.sigma_bar_max, rel=1e-9)
-        assert float(positive[-1]) == pytest.approx(process.sigma_bar_min, rel=1e-9)
+        if end == "replace":  # the sigma_min grid with its last level set to 0
+            full = get_sigmas(name, steps, process=process, end="sigma_min", **_kwargs(name, process, steps, end))
+            torch.testing.assert_close(s[:-1], full[:-1], rtol=0, atol=0)
+            assert s[-1] == 0 and float(positive[-1]) > process.sigma_bar_min * (1 + 1e-9)
+        else:
+            assert float(positive[-1]) == pytest.approx(process.sigma_bar_min, rel=1e-9)
 
 
 @pytest.mark.parametrize("pname", SCHEDULE_PROCESSES)

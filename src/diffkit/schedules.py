@@ -8,6 +8,10 @@ Every schedule states its end:
 * ``end="sigma_min"``: the grid ends at σ̄_min and the sample keeps that residual noise (diffusers'
   ``final_sigmas_type="sigma_min"``). One more non-zero level is then spent on the grid itself.
 
+* ``end="replace"``: the family's ``steps + 1`` levels down to σ̄_min with the last one replaced by 0, so the
+  final denoising step counts as one interval of the family's spacing and starts one interval above σ̄_min
+  (what diffusers' 'trailing' spacing amounts to, and how ComfyUI ends the Align-Your-Steps lists).
+
 An explicit ``list`` states its own end and must have ``steps + 1`` levels.
 
 For families spanning [σ̄_min, σ̄_max] (karras, exponential/logsnr, polyexponential, linspace, time_quadratic,
@@ -27,7 +31,7 @@ from .processes import DiscreteVP, Process
 
 Tensor = torch.Tensor
 
-ENDS = ("zero", "sigma_min")
+ENDS = ("zero", "sigma_min", "replace")
 
 __all__ = ["get_sigmas", "schedules", "validate_sigmas", "karras", "exponential", "polyexponential",
            "loglinear_interp", "ENDS"]
@@ -137,6 +141,8 @@ def get_sigmas(name: str, steps: int, *, process: Process | None = None, sigma_m
         if len(s) != steps + 1:
             raise ValueError(f"an explicit list of {len(s)} levels makes {len(s) - 1} steps, not {steps}")
         return s
+    if name in _TIME_DIFFUSERS and end == "replace":
+        end = "zero"  # these spacings already end one interval above t_min
     m = steps if end == "zero" else steps + 1
     if name in _TIME_SPANNING or name in _TIME_DIFFUSERS:
         if process is None:
@@ -161,7 +167,9 @@ def get_sigmas(name: str, steps: int, *, process: Process | None = None, sigma_m
         lo, hi = _sigma_range(process, sigma_min, sigma_max)
         body = _SIGMA_FAMILIES[name](m, lo, hi, **_pop_known(kwargs, ("rho",)))
         _no_extra(name, kwargs)
-    if end == "zero" or (name in _TIME_DIFFUSERS and end == "sigma_min"):
+    if end == "replace":
+        body = torch.cat([body[:-1], body.new_zeros(1)])
+    elif end == "zero" or (name in _TIME_DIFFUSERS and end == "sigma_min"):
         tail = 0.0 if end == "zero" else float(_sigma_range(process, sigma_min, sigma_max)[0])
         body = torch.cat([body, body.new_tensor([tail])])
     return validate_sigmas(body)

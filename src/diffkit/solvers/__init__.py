@@ -69,12 +69,12 @@ def _budget_one(nfe, end, opts):
 
 
 def _budget_two(nfe, end, opts):
-    return ((nfe + 1) // 2 if end == "zero" else nfe // 2), {}
+    return ((nfe + 1) // 2 if end != "sigma_min" else nfe // 2), {}
 
 
 def _budget_singlestep(nfe, end, opts):
     order = opts.get("order", 3)
-    if end == "zero":
+    if end != "sigma_min":  # the last step, into σ̄ = 0, is a single denoising call
         orders = singlestep_orders(nfe - 1, order) + [1]
     else:
         orders = singlestep_orders(nfe, order)
@@ -87,7 +87,7 @@ def _budget_pndm(nfe, end, opts):
 
 
 def _budget_adaptive(nfe, end, opts):
-    return (2 if end == "zero" else 1), {"max_nfe": nfe}
+    return (2 if end != "sigma_min" else 1), {"max_nfe": nfe}
 
 
 def _spec(name, fn, calls=_one_call_per_step, budget=_budget_one, **kw):
