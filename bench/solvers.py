@@ -23,6 +23,7 @@ import multiprocessing as mp
 import os
 import platform
 import random
+import resource
 import statistics
 import sys
 import time
@@ -475,8 +476,12 @@ def targets(summary, over, budgets, metric="err"):
     fails = [f"{r['loop']} vs {r['vs']} at NFE {r['nfe']}: {r['ratio_vs_diffusers']:.2f}x" for r in ratios
              if r["ratio_vs_diffusers"] > 0.5]
     res["iii"] = {"title": "per-step overhead of diffkit ≤ 0.5 × diffusers (every matched loop and NFE)",
-                  "pass": bool(ratios) and not fails, "cells": len(ratios), "failures": fails}
+                  "pass": (not fails) if ratios else None, "cells": len(ratios), "failures": fails}
     return res
+
+
+def _verdict(t) -> str:
+    return "NOT RUN" if t["pass"] is None else ("PASS" if t["pass"] else "FAIL")
 
 
 def suspicious(records, keys, budgets):
@@ -606,11 +611,14 @@ def markdown(meta, records, summary, tg, over, cons, sus, keys, budgets, fig_rel
     w = L.append
     w("## Deterministic solvers: diffkit vs diffusers and k-diffusion (`bench/solvers.py`)")
     w("")
-    w(f"Reproduce: `{meta['command']}` (or `make bench`). Quick smoke run: `.venv/bin/python bench/solvers.py "
-      f"--quick`.  ")
+    w(f"Reproduce: `{meta['command']}`" + ("" if "--quick" in meta["command"] else " (or `make bench`)")
+      + ". Quick smoke run (N = 200, NFE 5/10/20, fewer configurations, about a minute): `.venv/bin/python "
+      "bench/solvers.py --quick`.  ")
     w(f"Machine: {meta['cpu']}, {meta['cores']} cores, {meta['jobs']} worker processes × 1 torch thread; "
       f"Python {meta['python']}, torch {meta['torch']}, diffusers {meta['diffusers']}, k-diffusion "
-      f"{meta['k_diffusion']}. Wall time of this run: {meta['runtime_s'] / 60:.1f} min.")
+      f"{meta['k_diffusion']}; diffkit at commit {meta['commit']}. Wall time of this run: "
+      f"{meta['runtime_s'] / 60:.1f} min ({meta['cpu_s'] / 60:.1f} CPU-min over all processes; load average at "
+      f"the end {meta['load_avg'][0]:.1f} on {meta['cores']} cores, the machine being shared).")
     w("")
     w(f"**Setup.** N = {meta['n']} samples per testbed, float64 throughout. The start is x̄₀ = "
       "`process.noise_to_canonical(noise, σ̄_max)` for fixed standard-normal noise; the reference is the exact "
@@ -658,7 +666,7 @@ def markdown(meta, records, summary, tg, over, cons, sus, keys, budgets, fig_rel
     w("### Targets")
     w("")
     for k, t in tg.items():
-        w(f"- **({k}) {'PASS' if t['pass'] else 'FAIL'}** — {t['title']} ({t['cells'] - len(t['failures'])}/"
+        w(f"- **({k}) {_verdict(t)}** — {t['title']} ({t['cells'] - len(t['failures'])}/"
           f"{t['cells']} cells meet it).")
         for f in t["failures"][:12]:
             w(f"  - {f}")
@@ -670,7 +678,7 @@ def markdown(meta, records, summary, tg, over, cons, sus, keys, budgets, fig_rel
         w("The same two accuracy targets judged by the median per-sample error instead of the RMS error (the RMS "
           "is dominated by the few samples that a solver sends to another mode than the exact flow does; see "
           "\"mode switches\" below): " + "; ".join(
-              f"({k}) {'PASS' if t['pass'] else 'FAIL'} {t['cells'] - len(t['failures'])}/{t['cells']}"
+              f"({k}) {_verdict(t)} {t['cells'] - len(t['failures'])}/{t['cells']}"
               for k, t in tg_med.items() if k in ("i", "ii")) + ".")
     w("")
     w(f"![error vs NFE]({fig_rel})")
@@ -876,6 +884,20 @@ def write_markdown(path: Path, section: str):
     path.write_text(text)
 
 
+def git_revision() -> str:
+    """Commit of the working tree (with '+dirty' when src/ differs from it)."""
+    import subprocess
+
+    try:
+        rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
+                             check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--", "src"], cwd=ROOT, capture_output=True,
+                               text=True).stdout.strip()
+        return rev + ("+dirty" if dirty else "")
+    except Exception:  # noqa: BLE001
+        return "?"
+
+
 def machine() -> dict:
     cpu = platform.processor() or "?"
     try:
@@ -887,7 +909,8 @@ def machine() -> dict:
         pass
     import diffusers
 
-    return {"cpu": cpu, "cores": os.cpu_count(), "python": platform.python_version(), "torch": torch.__version__,
+    return {"cpu": cpu, "cores": os.cpu_count(), "commit": git_revision(), "python": platform.python_version(),
+            "torch": torch.__version__,
             "diffusers": diffusers.__version__, "k_diffusion": A.k_diffusion_version(),
             "platform": platform.platform()}
 
@@ -914,6 +937,7 @@ def main(argv=None):
     args = p.parse_args(argv)
 
     t_start = time.perf_counter()
+    commit = git_revision()
     quick = args.quick
     n = args.n or (200 if quick else 1000)
     budgets = tuple(int(x) for x in args.nfe.split(",")) if args.nfe else (QUICK_NFES if quick else NFES)
@@ -1027,13 +1051,17 @@ def main(argv=None):
     tg_med = targets(analyse(records, keys, budgets, "median_err"), over, budgets, "median_err")
     sus = suspicious(records, keys, budgets)
     runtime = time.perf_counter() - t_start
+    ru_self, ru_kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu_s = ru_self.ru_utime + ru_self.ru_stime + ru_kids.ru_utime + ru_kids.ru_stime
 
-    meta = {"command": "python bench/solvers.py" + (" --quick" if quick else ""), "n": n, "budgets": budgets,
-            "testbeds": {k: TESTBEDS[k][0] for k in keys}, "jobs": args.jobs, "runtime_s": runtime,
+    meta = {"command": ".venv/bin/python bench/solvers.py" + (" --quick" if quick else ""), "n": n, "budgets": budgets,
+            "testbeds": {k: TESTBEDS[k][0] for k in keys}, "jobs": args.jobs, "runtime_s": runtime, "cpu_s": cpu_s,
+            "load_avg": os.getloadavg(),
             "configs_runtime_s": t_configs, "reference_seconds": ref_time, "overhead_shape": [8, 4, 32, 32],
             "overhead_repeats": args.overhead_repeats or (10 if quick else 30), **machine(),
             "defaults": {str(b): default_choice(b) for b in budgets},
             "deterministic": deterministic_solvers(), "stochastic_excluded": stochastic_solvers()}
+    meta["commit"] = commit
     plot(records, summary, keys, budgets, fig_path)
     json_path.parent.mkdir(parents=True, exist_ok=True)
     slim = {"meta": meta, "targets": tg, "targets_median_err": tg_med, "candidate_defaults": cands,
@@ -1071,9 +1099,9 @@ def main(argv=None):
         for s in sus[:15]:
             print(f"  [{s['kind']}] {s['testbed']} {s['config']} @ {s['budget']}: {s['detail']}")
     for k, t in tg.items():
-        print(f"TARGET ({k}) {'PASS' if t['pass'] else 'FAIL'}: {t['title']} "
+        print(f"TARGET ({k}) {_verdict(t)}: {t['title']} "
               f"[{t['cells'] - len(t['failures'])}/{t['cells']}]")
-    print(f"runtime {runtime:.0f} s (configs {t_configs:.0f} s); results: {json_path}"
+    print(f"runtime {runtime:.0f} s (configs {t_configs:.0f} s, {cpu_s:.0f} CPU-s); results: {json_path}"
           + (f", {md_path}" if md_path else "") + f", {fig_path}")
 
 
