@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import pickle
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -231,7 +232,7 @@ def load_file(path, key: str = "x", labels_key: str = "y", normalize: bool = Fal
                 x = obj
         else:
             raise ValueError(f"unsupported data file {str(p)!r}; use .npy, .npz or .pt")
-    except (OSError, EOFError, RuntimeError, __import__("pickle").UnpicklingError) as e:
+    except (OSError, EOFError, RuntimeError, ValueError, pickle.UnpicklingError) as e:
         raise ValueError(f"cannot read data file {str(p)!r}: {e}") from e
     return from_tensors(x, labels, normalize=normalize, name=p.name)
 
