@@ -53,7 +53,8 @@ SCHEDULES = (("karras", "karras", {}), ("logsnr", "logsnr", {}), ("polyexponenti
              {"rho": 2.0}), ("time_quadratic", "time_quadratic", {}), ("trailing", "trailing", {}),
              ("linspace", "linspace", {}))
 QUICK_SCHEDULES = SCHEDULES[:2]
-ENDS = ("zero", "sigma_min")
+ENDS = tuple(getattr(diffkit.schedules, "ENDS", ("zero", "sigma_min")))  # every end the library offers
+VARIANT_SCHEDULES = ("karras", "logsnr", "polyexponential(rho=2)", "trailing")  # for the option variants
 
 # key: (title, builder); the mixture/process pairs of the issue
 TESTBEDS = {
@@ -151,7 +152,7 @@ def diffkit_configs(quick: bool) -> list[dict]:
     schedules = QUICK_SCHEDULES if quick else SCHEDULES
     if "schedule_options" not in inspect.signature(diffkit.sample).parameters:
         schedules = [s for s in schedules if not s[2]]
-    ends = ("zero",) if quick else ENDS
+    ends = tuple(e for e in ENDS if e in ("zero", "replace")) if quick else ENDS
     variants = [(s, {}) for s in deterministic_solvers()]
     if quick:
         variants += [("unipc", {"order": 2, "variant": "bh2", "corrector": c}) for c in (True, False)]
@@ -169,6 +170,8 @@ def diffkit_configs(quick: bool) -> list[dict]:
         if opts:
             label += "(" + ", ".join(_opt_label(k, v) for k, v in opts.items()) + ")"
         for slabel, schedule, sopts in schedules:
+            if opts and not quick and slabel not in VARIANT_SCHEDULES:
+                continue
             for end in ends:
                 out.append({"name": f"{label} / {slabel} / {end}", "solver": solver, "schedule": schedule,
                             "schedule_options": sopts, "end": end, "options": opts, "label": label})
@@ -734,28 +737,39 @@ def markdown(meta, records, summary, tg, over, cons, sus, keys, budgets, fig_rel
           + ", ".join(f"{nfe}: {_default_worst(summary, keys, nfe):.2f}" for nfe in cands) + ".")
     # end comparison
     w("")
-    w("### end = \"zero\" vs end = \"sigma_min\" (diffkit)")
+    ends = [e for e in ENDS if any(r["config"].endswith(f"/ {e}") for r in records)]
+    others = [e for e in ends if e != "zero"]
+    w("### Schedule ends (diffkit): " + ", ".join(f'end="{e}"' for e in ends))
     w("")
-    w("Best diffkit error over all solvers and schedules with each end, against the σ̄ = 0 reference; for "
-      "`sigma_min` also against the exact flow map to σ̄_min (the solver's own target), and the median over "
-      "matched configurations (same solver, schedule, options) of error(sigma_min) / error(zero).")
+    w("`zero` spends the last call on the step from σ̄_min to 0; `sigma_min` stops at σ̄_min (one more level on the "
+      "grid, the residual noise stays); `replace` (when the library has it) is the `sigma_min` grid with its last "
+      "level set to 0, as diffusers' trailing spacing ends. Best diffkit error over all solvers and schedules with "
+      "each end, against the σ̄ = 0 reference; for `sigma_min` also against the exact flow map to σ̄_min (the "
+      "solver's own target); and the median over matched configurations (same solver, schedule, options) of "
+      "error(end) / error(zero).")
     w("")
-    w("| testbed | NFE | best end=zero | best end=sigma_min | its error vs flow map to σ̄_min | median ratio |")
-    w("|---|---:|---:|---:|---:|---:|")
+    w("| testbed | NFE | " + " | ".join(f"best {e}" for e in ends)
+      + (" | best sigma_min vs flow map to σ̄_min" if "sigma_min" in ends else "")
+      + "".join(f" | median {e} / zero" for e in others) + " |")
+    w("|---|---:|" + "---:|" * (len(ends) + ("sigma_min" in ends) + len(others)))
     for key in keys:
         for nfe in budgets:
-            z = best(records, key, nfe, ("diffkit",), lambda r: r["config"].endswith("/ zero"))
-            s = best(records, key, nfe, ("diffkit",), lambda r: r["config"].endswith("/ sigma_min"))
+            bests = {e: best(records, key, nfe, ("diffkit",), lambda r, e=e: r["config"].endswith(f"/ {e}"))
+                     for e in ends}
             pairs = {}
             for r in records:
                 if (r["testbed"] == key and r["budget"] == nfe and r["library"] == "diffkit" and not r["heldout"]
                         and _ok(r) and " / " in r["config"]):
                     base, end = r["config"].rsplit(" / ", 1)
                     pairs.setdefault(base, {})[end] = r["err"]
-            rs = [p["sigma_min"] / p["zero"] for p in pairs.values() if "zero" in p and "sigma_min" in p]
-            med = f"{statistics.median(rs):.2f}" if rs else "—"
-            se = f"{s['err_end']:.2e}" if s and "err_end" in s else "—"
-            w(f"| {key} | {nfe} | {_fmt(z)} | {_fmt(s)} | {se} | {med} |")
+            cells = [_fmt(bests[e]) for e in ends]
+            if "sigma_min" in ends:
+                sm = bests["sigma_min"]
+                cells.append(f"{sm['err_end']:.2e}" if sm and "err_end" in sm else "—")
+            for e in others:
+                rs = [p[e] / p["zero"] for p in pairs.values() if "zero" in p and e in p]
+                cells.append(f"{statistics.median(rs):.2f}" if rs else "—")
+            w(f"| {key} | {nfe} | " + " | ".join(cells) + " |")
     # consistency
     if cons:
         w("")
