@@ -1,0 +1,235 @@
+#!/usr/bin/env python
+"""Training throughput of diffkit's UNet loop against diffusers' `UNet2DModel` of comparable size.
+
+Three loops train on the same 16x16 class-conditional digits batches (batch size, optimizer and thread count
+identical):
+
+* ``diffkit Trainer``: `diffkit.train.Trainer.train_step` with diffkit's UNet (EDM loss, data sampling, gradient
+  clipping; EMA disabled so that the work matches the plain loops);
+* ``diffkit UNet, plain loop`` and ``diffusers UNet2DModel, plain loop``: the same plain ε-prediction loop
+  (x_t = sqrt(ᾱ) x0 + sqrt(1-ᾱ) eps at a random timestep, MSE, backward, AdamW step).
+
+The diffusers model uses the same widths (32, 64, 64), one ResNet per level (two in the decoder, as diffkit),
+attention at 8x8 and in the middle block, scale-shift time conditioning and a class embedding, so both models
+have about 1.2 M parameters (counted and reported). Timing is interleaved: each round runs a few steps of every
+loop in turn, so a load that another process puts on the machine hits all loops alike; the ratio is the median
+over rounds of the per-round ratio. Peak memory is, in a fresh subprocess per loop, the peak resident set
+(ru_maxrss) after the timed steps minus the resident set once the model and data are built.
+
+    python bench/training.py            # 8 rounds x 4 steps, batch 64, 1 thread; writes BENCHMARKS.md section
+    python bench/training.py --quick    # smoke run, prints only
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+START, END = "<!-- bench/training.py:start -->", "<!-- bench/training.py:end -->"
+LOOPS = ("diffkit_trainer", "diffkit_plain", "diffusers_plain")
+
+
+def diffkit_unet():
+    from diffkit.models import UNet
+
+    return UNet(image_size=16, in_channels=1, channels=32, channel_mults=(1, 2, 2), num_res_blocks=1,
+                attention_resolutions=(8,), num_heads=2, num_classes=10, time_scale=1.0)
+
+
+def diffusers_unet():
+    from diffusers import UNet2DModel
+
+    return UNet2DModel(sample_size=16, in_channels=1, out_channels=1, block_out_channels=(32, 64, 64),
+                       layers_per_block=1, down_block_types=("DownBlock2D", "AttnDownBlock2D", "DownBlock2D"),
+                       up_block_types=("UpBlock2D", "AttnUpBlock2D", "UpBlock2D"), num_class_embeds=11,
+                       attention_head_dim=32, norm_num_groups=32, resnet_time_scale_shift="scale_shift")
+
+
+def n_params(m) -> int:
+    return sum(p.numel() for p in m.parameters() if p.requires_grad)
+
+
+class PlainLoop:
+    """The plain ε-prediction loop shared by both models (DDPM, Ho et al. 2020, Alg. 1)."""
+
+    def __init__(self, model, call, batch: int, seed: int = 0):
+        from diffkit.data import digits
+
+        self.model, self.call, self.batch = model, call, batch
+        self.data = digits(16)
+        self.g = torch.Generator().manual_seed(seed)
+        self.abar = torch.cumprod(1 - torch.linspace(1e-4, 0.02, 1000), 0)
+        self.opt = torch.optim.AdamW(model.parameters(), lr=1e-4, foreach=True)
+
+    def step(self):
+        idx = torch.randint(0, len(self.data), (self.batch,), generator=self.g)
+        x0, label = self.data.x[idx], self.data.labels[idx]
+        t = torch.randint(0, 1000, (self.batch,), generator=self.g)
+        eps = torch.randn(x0.shape, generator=self.g)
+        a = self.abar[t].view(-1, 1, 1, 1)
+        xt = a.sqrt() * x0 + (1 - a).sqrt() * eps
+        loss = (self.call(self.model, xt, t, label) - eps).pow(2).mean()
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        self.opt.step()
+
+
+class TrainerLoop:
+    def __init__(self, batch: int, seed: int = 0):
+        from diffkit import EDM
+        from diffkit.data import digits
+        from diffkit.train import DiffusionLoss, TrainConfig, Trainer
+
+        self.model = diffkit_unet()
+        loss = DiffusionLoss(EDM(), "edm", noise_levels="lognormal", label_dropout=0.1)
+        cfg = TrainConfig(batch_size=batch, ema_decay=None, progress=False, checkpoint_every=0, seed=seed)
+        self.trainer = Trainer(self.model, loss, digits(16), cfg)
+
+    def step(self):
+        self.trainer.train_step()
+
+
+def make_loop(name: str, batch: int):
+    if name == "diffkit_trainer":
+        loop = TrainerLoop(batch)
+        return loop, loop.model
+    if name == "diffkit_plain":
+        m = diffkit_unet()
+        return PlainLoop(m, lambda m, x, t, y: m(x, t.float(), label=y), batch), m
+    if name == "diffusers_plain":
+        m = diffusers_unet()
+        return PlainLoop(m, lambda m, x, t, y: m(x, t, class_labels=y).sample, batch), m
+    raise ValueError(name)
+
+
+def memory_child(name: str, batch: int, steps: int, threads: int) -> None:
+    """Run in a fresh process: print the ru_maxrss growth (MiB) over `steps` training steps."""
+    torch.set_num_threads(threads)
+    loop, _ = make_loop(name, batch)
+    before = _current_rss_kib()
+    for _ in range(steps):
+        loop.step()
+    after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
+    print(json.dumps({"loop": name, "peak_rss_growth_mib": (after - before) / 1024, "peak_rss_mib": after / 1024}))
+
+
+def _current_rss_kib() -> float:
+    """Resident set size now (Linux /proc/self/statm), KiB; falls back to the peak elsewhere."""
+    try:
+        import os
+
+        pages = int(open("/proc/self/statm").read().split()[1])
+        return pages * os.sysconf("SC_PAGE_SIZE") / 1024
+    except (OSError, ValueError, IndexError):
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+
+
+def measure_memory(batch: int, steps: int, threads: int) -> dict:
+    out = {}
+    for name in LOOPS:
+        res = subprocess.run([sys.executable, __file__, "--memory-child", name, "--batch", str(batch), "--steps",
+                              str(steps), "--threads", str(threads)], capture_output=True, text=True, timeout=900)
+        if res.returncode != 0:
+            raise RuntimeError(f"memory run of {name} failed: {res.stderr[-2000:]}")
+        out[name] = json.loads(res.stdout.strip().splitlines()[-1])
+    return out
+
+
+def measure_throughput(batch: int, rounds: int, steps: int, warmup: int) -> dict:
+    loops = {name: make_loop(name, batch) for name in LOOPS}
+    for loop, _ in loops.values():
+        for _ in range(warmup):
+            loop.step()
+    per_round = {name: [] for name in LOOPS}
+    for r in range(rounds):
+        order = LOOPS if r % 2 == 0 else tuple(reversed(LOOPS))  # alternate the order as well
+        for name in order:
+            loop = loops[name][0]
+            t0 = time.perf_counter()
+            for _ in range(steps):
+                loop.step()
+            per_round[name].append(batch * steps / (time.perf_counter() - t0))
+    params = {name: n_params(m) for name, (_, m) in loops.items()}
+    ratio = {name: statistics.median(a / b for a, b in zip(per_round[name], per_round["diffusers_plain"]))
+             for name in LOOPS}
+    return {"images_per_s": {n: statistics.median(v) for n, v in per_round.items()}, "per_round": per_round,
+            "ratio_vs_diffusers": ratio, "params": params}
+
+
+def write_markdown(res: dict) -> None:
+    th, mem = res["throughput"], res["memory"]
+    names = {"diffkit_trainer": "diffkit `Trainer` (EDM loss) + diffkit UNet",
+             "diffkit_plain": "plain loop + diffkit `UNet`", "diffusers_plain": "plain loop + diffusers `UNet2DModel`"}
+    lines = [START, "## Training throughput (`bench/training.py`)", "",
+             f"16x16 class-conditional digits, batch {res['batch']}, AdamW, {res['threads']} CPU thread(s), "
+             f"{res['rounds']} interleaved rounds x {res['steps']} steps (median images/s; ratio = median of "
+             f"per-round ratios to the diffusers loop). Peak memory: ru_maxrss after {res['memory_steps']} steps "
+             f"minus the resident set before them, in a fresh subprocess per loop. torch {res['torch']}, "
+             f"diffusers {res['diffusers']}, {res['machine']}. Other processes may share the CPU; interleaving "
+             f"exposes every loop to the same load.", "",
+             "| loop | parameters | images/s | ratio vs diffusers | peak RSS growth (MiB) | peak RSS (MiB) |",
+             "|---|---:|---:|---:|---:|---:|"]
+    for n in LOOPS:
+        lines.append(f"| {names[n]} | {th['params'][n]:,} | {th['images_per_s'][n]:.1f} | "
+                     f"{th['ratio_vs_diffusers'][n]:.2f}x | {mem[n]['peak_rss_growth_mib']:.0f} | "
+                     f"{mem[n]['peak_rss_mib']:.0f} |")
+    lines += ["", f"Command: `{res['command']}`", END]
+    block = "\n".join(lines)
+    path = ROOT / "BENCHMARKS.md"
+    text = path.read_text() if path.exists() else "# diffkit benchmarks\n"  # re-read right before writing
+    if START in text and END in text:
+        a, b = text.index(START), text.index(END) + len(END)
+        text = text[:a] + block + text[b:]
+    else:
+        text = text.rstrip("\n") + "\n\n" + block + "\n"
+    path.write_text(text)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true")
+    p.add_argument("--batch", type=int, default=64)
+    p.add_argument("--rounds", type=int, default=8)
+    p.add_argument("--steps", type=int, default=4)
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--memory-child", default=None, help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.memory_child:
+        memory_child(args.memory_child, args.batch, args.steps, args.threads)
+        return 0
+    torch.set_num_threads(args.threads)
+    if args.quick:
+        args.rounds, args.steps, args.batch = 2, 1, 16
+    mem_steps = 2 if args.quick else 5
+    import diffusers
+
+    res = {"batch": args.batch, "rounds": args.rounds, "steps": args.steps, "threads": args.threads,
+           "memory_steps": mem_steps, "torch": torch.__version__, "diffusers": diffusers.__version__,
+           "machine": f"{platform.machine()} {platform.processor() or ''}".strip(),
+           "command": "python bench/training.py" + (" --quick" if args.quick else "")}
+    res["throughput"] = measure_throughput(args.batch, args.rounds, args.steps, warmup=1)
+    res["memory"] = measure_memory(args.batch, mem_steps, args.threads)
+    th = res["throughput"]
+    for n in LOOPS:
+        print(f"{n:16s} params {th['params'][n]:>9,}  {th['images_per_s'][n]:7.1f} img/s  "
+              f"ratio {th['ratio_vs_diffusers'][n]:.2f}x  peak RSS +{res['memory'][n]['peak_rss_growth_mib']:.0f} MiB")
+    if not args.quick:
+        out = ROOT / "bench" / "results" / "training.json"
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(res, indent=1))
+        write_markdown(res)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
