@@ -16,3 +16,14 @@ from .solvers import sample
 __all__ = ["Denoiser", "PREDICTIONS", "Process", "VP", "VE", "EDM", "Flow", "Interpolant", "sample", "solvers",
            "get_sigmas", "schedules", "testbeds", "likelihood", "bits_per_dim", "metrics", "noise"]
 __version__ = "0.1.0"
+
+# training subpackages load on first use (diffkit.models, diffkit.train, diffkit.data, diffkit.checkpoint)
+_LAZY = ("models", "train", "data", "checkpoint")
+
+
+def __getattr__(name):
+    if name in _LAZY:
+        import importlib
+
+        return importlib.import_module(f".{name}", __name__)
+    raise AttributeError(f"module 'diffkit' has no attribute {name!r}")
