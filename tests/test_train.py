@@ -248,3 +248,33 @@ def test_trainer_errors():
         Trainer(cond_model, DiffusionLoss(diffkit.Flow(), "flow"), data, TrainConfig(progress=False))
     with pytest.raises(ValueError, match="unknown lr_schedule"):
         TrainConfig(lr_schedule="step")
+
+
+def test_presets_build_and_entry_point(tmp_path, capsys):
+    from diffkit.train.__main__ import main
+    from diffkit.train.presets import build, presets
+
+    assert {"digits", "digits8", "moons", "ring"} <= set(presets)
+    trainer = build("moons", out_dir=tmp_path / "m", overrides={"steps": 3, "progress": False, "sample_every": 0})
+    trainer.train()
+    assert trainer.step == 3 and trainer.config()["model"]["type"] == "mlp"
+    assert main(["--list"]) == 0 and "digits" in capsys.readouterr().out
+    with pytest.raises(ValueError, match="unknown preset 'cifar'"):
+        build("cifar")
+    assert main(["--preset", "ring", "--out", str(tmp_path / "r"), "--steps", "2", "--no-progress"]) == 0
+    assert (tmp_path / "r" / "model" / "config.json").exists() and (tmp_path / "r" / "samples" / "final.png").exists()
+
+
+@pytest.mark.parametrize("amp", ["none", "bf16"])
+def test_dit_trains_on_digits_with_and_without_bf16(amp):
+    from diffkit.data import digits
+    from diffkit.models import DiT
+
+    model = DiT(image_size=8, in_channels=1, patch_size=2, hidden=32, depth=1, num_heads=2, num_classes=10,
+                time_scale=250)
+    loss = DiffusionLoss(diffkit.EDM(), "edm", noise_levels="lognormal", label_dropout=0.1)
+    trainer = Trainer(model, loss, digits(8), TrainConfig(steps=2, batch_size=8, progress=False, amp=amp,
+                                                          checkpoint_every=0, ema_gamma=6.94))
+    assert trainer.amp == (amp == "bf16")
+    losses = [trainer.train_step() for _ in range(2)]
+    assert all(math.isfinite(v) for v in losses)
