@@ -199,7 +199,8 @@ def edm_sde(denoiser, x, sigmas, *, noise=None, s_churn: float = 0.0, s_tmin: fl
         gamma = gamma_max if s_tmin <= si <= s_tmax else 0.0
         s_hat = si * (1.0 + gamma)
         if gamma > 0:
-            x = x + (s_noise * math.sqrt(s_hat**2 - si**2)) * _draw(noise, s_hat, si, x)
+            # the draw belongs to this step's interval [σ̄_{i+1}, σ̄_i]: with Brownian noise, disjoint across steps
+            x = x + (s_noise * math.sqrt(s_hat**2 - si**2)) * _draw(noise, si, ti, x)
         d = denoiser(x, s_hat, **cond)
         emit(callback, i, x, s_hat, ti, d)
         e = (x - d) / s_hat
