@@ -233,9 +233,11 @@ def test_tiny_model_loss_falls_on_toy_data(tmp_path):
     model = MLP(dim=2, hidden=64, depth=2, time_scale=1000)
     loss = DiffusionLoss(diffkit.Flow(), "flow", noise_levels="logit_normal")
     cfg = TrainConfig(steps=200, batch_size=128, lr=3e-3, log_every=1, progress=False, checkpoint_every=0,
-                      sample_every=200, sample_count=32, sample_nfe=6)
-    trainer = Trainer(model, loss, data, cfg, out_dir=tmp_path)
-    hist = [r["loss"] for r in trainer.train() if "loss" in r]
+                      sample_every=200, sample_count=32, sample_nfe=6, eval_every=100)
+    trainer = Trainer(model, loss, data, cfg, out_dir=tmp_path, eval_fn=lambda tr: {"step_seen": tr.step})
+    records = trainer.train()
+    hist = [r["loss"] for r in records if "loss" in r]
+    assert [r["eval"] for r in records if "eval" in r] == [{"step_seen": 100}, {"step_seen": 200}]
     assert np.mean(hist[-30:]) < 0.88 * np.mean(hist[:10])
     assert (tmp_path / "samples" / "step_00000200.png").exists()
     assert (tmp_path / "checkpoints" / "ckpt-00000200.json").exists()  # final checkpoint
