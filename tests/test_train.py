@@ -280,3 +280,15 @@ def test_dit_trains_on_digits_with_and_without_bf16(amp):
     assert trainer.amp == (amp == "bf16")
     losses = [trainer.train_step() for _ in range(2)]
     assert all(math.isfinite(v) for v in losses)
+
+
+def test_trainer_learns_interval_weights():
+    process = diffkit.EDM()
+    weighting = IntervalWeighting(interval_clusters(process, 3, "snr"))
+    loss = DiffusionLoss(process, "edm", noise_levels="lognormal", intervals=weighting)
+    model = MLP(dim=2, hidden=16, depth=1, time_scale=250)
+    trainer = Trainer(model, loss, toy("rings", 500), TrainConfig(steps=5, batch_size=64, lr=1e-2, progress=False,
+                                                                  checkpoint_every=0))
+    trainer.train()
+    assert weighting.log_vars.abs().sum() > 0  # the task log-variances are trained with the network
+    assert loss.config()["intervals"]["method"] == "uncertainty"

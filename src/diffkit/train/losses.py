@@ -248,7 +248,9 @@ class DiffusionLoss(nn.Module):
                 "noise_level_options": self.noise_level_options,
                 "weighting": self.weighting if isinstance(self.weighting, str) or self.weighting is None
                 else "callable", "min_snr_gamma": self.min_snr_gamma, "immiscible": self.immiscible,
-                "label_dropout": self.label_dropout}
+                "label_dropout": self.label_dropout,
+                "intervals": None if self.intervals is None else
+                {"method": self.intervals.method, "boundaries": self.intervals.boundaries.tolist()}}
 
     def draw(self, x0: Tensor, generator: torch.Generator | None = None) -> Draw:
         """Noise, noise levels and label-dropout mask for the batch x0 (drawn on the CPU generator)."""
