@@ -2,7 +2,7 @@
 """Training throughput of diffkit's UNet loop against diffusers' `UNet2DModel` of comparable size.
 
 Three loops train on the same 16x16 class-conditional digits batches (batch size, optimizer and thread count
-identical):
+identical; one torch thread):
 
 * ``diffkit Trainer``: `diffkit.train.Trainer.train_step` with diffkit's UNet (EDM loss, data sampling, gradient
   clipping; EMA disabled so that the work matches the plain loops);
@@ -11,12 +11,12 @@ identical):
 
 The diffusers model uses the same widths (32, 64, 64), one ResNet per level (two in the decoder, as diffkit),
 attention at 8x8 and in the middle block, scale-shift time conditioning and a class embedding, so both models
-have about 1.2 M parameters (counted and reported). Timing is interleaved: each round runs a few steps of every
-loop in turn, so a load that another process puts on the machine hits all loops alike; the ratio is the median
-over rounds of the per-round ratio. Peak memory is, in a fresh subprocess per loop, the peak resident set
+have about 1.2 M parameters (counted and reported). Timing is interleaved step by step (order alternating), so a load
+that another process puts on the machine hits all loops alike, and measured both by wall clock and by process
+CPU time; the headline ratio uses CPU time. Peak memory is, in a fresh subprocess per loop, the peak resident set
 (ru_maxrss) after the timed steps minus the resident set once the model and data are built.
 
-    python bench/training.py            # 8 rounds x 4 steps, batch 64, 1 thread; writes BENCHMARKS.md section
+    python bench/training.py            # 32 interleaved rounds, batch 64, 1 thread; writes BENCHMARKS.md section
     python bench/training.py --quick    # smoke run, prints only
 """
 
@@ -146,24 +146,32 @@ def measure_memory(batch: int, steps: int, threads: int) -> dict:
 
 
 def measure_throughput(batch: int, rounds: int, steps: int, warmup: int) -> dict:
+    """Interleave single steps of every loop (order alternating each round); time each step by wall clock and by
+    process CPU time (time.process_time: with one torch thread the work itself, largely insensitive to other
+    processes on the machine)."""
     loops = {name: make_loop(name, batch) for name in LOOPS}
     for loop, _ in loops.values():
         for _ in range(warmup):
             loop.step()
-    per_round = {name: [] for name in LOOPS}
-    for r in range(rounds):
-        order = LOOPS if r % 2 == 0 else tuple(reversed(LOOPS))  # alternate the order as well
+    wall = {name: [] for name in LOOPS}
+    cpu = {name: [] for name in LOOPS}
+    for r in range(rounds * steps):
+        order = LOOPS if r % 2 == 0 else tuple(reversed(LOOPS))
         for name in order:
             loop = loops[name][0]
-            t0 = time.perf_counter()
-            for _ in range(steps):
-                loop.step()
-            per_round[name].append(batch * steps / (time.perf_counter() - t0))
+            w0, c0 = time.perf_counter(), time.process_time()
+            loop.step()
+            cpu[name].append(time.process_time() - c0)
+            wall[name].append(time.perf_counter() - w0)
     params = {name: n_params(m) for name, (_, m) in loops.items()}
-    ratio = {name: statistics.median(a / b for a, b in zip(per_round[name], per_round["diffusers_plain"]))
-             for name in LOOPS}
-    return {"images_per_s": {n: statistics.median(v) for n, v in per_round.items()}, "per_round": per_round,
-            "ratio_vs_diffusers": ratio, "params": params}
+    ref = "diffusers_plain"
+    return {"images_per_s": {n: batch * len(v) / sum(v) for n, v in wall.items()},
+            "images_per_cpu_s": {n: batch * len(v) / sum(v) for n, v in cpu.items()},
+            "ratio_vs_diffusers": {n: sum(cpu[ref]) / sum(cpu[n]) for n in LOOPS},
+            "ratio_vs_diffusers_wall": {n: sum(wall[ref]) / sum(wall[n]) for n in LOOPS},
+            "ratio_vs_diffusers_wall_median": {n: statistics.median(b / a for a, b in zip(wall[n], wall[ref]))
+                                               for n in LOOPS},
+            "step_seconds_wall": wall, "step_seconds_cpu": cpu, "params": params}
 
 
 def write_markdown(res: dict) -> None:
@@ -172,16 +180,20 @@ def write_markdown(res: dict) -> None:
              "diffkit_plain": "plain loop + diffkit `UNet`", "diffusers_plain": "plain loop + diffusers `UNet2DModel`"}
     lines = [START, "## Training throughput (`bench/training.py`)", "",
              f"16x16 class-conditional digits, batch {res['batch']}, AdamW, {res['threads']} CPU thread(s), "
-             f"{res['rounds']} interleaved rounds x {res['steps']} steps (median images/s; ratio = median of "
-             f"per-round ratios to the diffusers loop). Peak memory: ru_maxrss after {res['memory_steps']} steps "
+             f"{res['rounds'] * res['steps']} rounds of one step of every loop, interleaved (order alternating). "
+             f"Ratio = diffusers loop time / loop time, from process CPU time (one torch thread: the work itself, "
+             f"little affected by other processes on the machine); wall-clock ratios are given too. Peak memory: "
+             f"ru_maxrss after {res['memory_steps']} steps "
              f"minus the resident set before them, in a fresh subprocess per loop. torch {res['torch']}, "
              f"diffusers {res['diffusers']}, {res['machine']}. Other processes may share the CPU; interleaving "
              f"exposes every loop to the same load.", "",
-             "| loop | parameters | images/s | ratio vs diffusers | peak RSS growth (MiB) | peak RSS (MiB) |",
-             "|---|---:|---:|---:|---:|---:|"]
+             "| loop | parameters | images/CPU-s | images/s (wall) | ratio vs diffusers (CPU) | ratio (wall) | "
+             "peak RSS growth (MiB) | peak RSS (MiB) |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|"]
     for n in LOOPS:
-        lines.append(f"| {names[n]} | {th['params'][n]:,} | {th['images_per_s'][n]:.1f} | "
-                     f"{th['ratio_vs_diffusers'][n]:.2f}x | {mem[n]['peak_rss_growth_mib']:.0f} | "
+        lines.append(f"| {names[n]} | {th['params'][n]:,} | {th['images_per_cpu_s'][n]:.1f} | "
+                     f"{th['images_per_s'][n]:.1f} | {th['ratio_vs_diffusers'][n]:.3f}x | "
+                     f"{th['ratio_vs_diffusers_wall'][n]:.3f}x | {mem[n]['peak_rss_growth_mib']:.0f} | "
                      f"{mem[n]['peak_rss_mib']:.0f} |")
     lines += ["", f"Command: `{res['command']}`", END]
     block = "\n".join(lines)
@@ -221,8 +233,10 @@ def main(argv=None) -> int:
     res["memory"] = measure_memory(args.batch, mem_steps, args.threads)
     th = res["throughput"]
     for n in LOOPS:
-        print(f"{n:16s} params {th['params'][n]:>9,}  {th['images_per_s'][n]:7.1f} img/s  "
-              f"ratio {th['ratio_vs_diffusers'][n]:.2f}x  peak RSS +{res['memory'][n]['peak_rss_growth_mib']:.0f} MiB")
+        print(f"{n:16s} params {th['params'][n]:>9,}  {th['images_per_cpu_s'][n]:7.1f} img/CPU-s  "
+              f"{th['images_per_s'][n]:7.1f} img/s  ratio {th['ratio_vs_diffusers'][n]:.3f}x (CPU) "
+              f"{th['ratio_vs_diffusers_wall'][n]:.3f}x (wall)  "
+              f"peak RSS +{res['memory'][n]['peak_rss_growth_mib']:.0f} MiB")
     if not args.quick:
         out = ROOT / "bench" / "results" / "training.json"
         out.parent.mkdir(parents=True, exist_ok=True)

@@ -68,7 +68,7 @@ class ResBlock(nn.Module):
     def forward(self, x, emb):
         h = self.conv1(F.silu(self.norm1(x)))
         scale, shift = self.emb(emb)[:, :, None, None].chunk(2, dim=1)
-        h = self.norm2(h) * (1 + scale) + shift
+        h = torch.addcmul(shift, self.norm2(h), 1 + scale)
         h = self.conv2(self.dropout(F.silu(h)))
         out = self.skip(x) + h
         return self.hook(out) if self.hook.fns else out
