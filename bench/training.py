@@ -14,7 +14,7 @@ attention at 8x8 and in the middle block, scale-shift time conditioning and a cl
 have about 1.2 M parameters (counted and reported). Timing is interleaved step by step (order alternating), so a load
 that another process puts on the machine hits all loops alike, and measured both by wall clock and by process
 CPU time; the headline ratio uses CPU time. Peak memory is, in a fresh subprocess per loop, the peak resident set
-(ru_maxrss) after the timed steps minus the resident set once the model and data are built.
+(VmHWM, reset through /proc/self/clear_refs once the model and data are built) minus the resident set then.
 
     python bench/training.py            # 32 interleaved rounds, batch 64, 1 thread; writes BENCHMARKS.md section
     python bench/training.py --quick    # smoke run, prints only
@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import resource
 import statistics
 import subprocess
 import sys
@@ -112,26 +111,27 @@ def make_loop(name: str, batch: int):
     raise ValueError(name)
 
 
+def _status_kib(field: str) -> float:
+    """A memory field of /proc/self/status (VmRSS, VmHWM) in KiB (Linux)."""
+    for line in open("/proc/self/status"):
+        if line.startswith(field + ":"):
+            return float(line.split()[1])
+    raise OSError(f"no {field} in /proc/self/status")
+
+
 def memory_child(name: str, batch: int, steps: int, threads: int) -> None:
-    """Run in a fresh process: print the ru_maxrss growth (MiB) over `steps` training steps."""
+    """Run in a fresh process: print the peak resident-set growth (MiB) over `steps` training steps. The peak is
+    VmHWM after resetting it through /proc/self/clear_refs (ru_maxrss would carry the parent's peak over fork and
+    exec)."""
     torch.set_num_threads(threads)
     loop, _ = make_loop(name, batch)
-    before = _current_rss_kib()
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # reset the peak RSS to the current RSS
+    before = _status_kib("VmRSS")
     for _ in range(steps):
         loop.step()
-    after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
-    print(json.dumps({"loop": name, "peak_rss_growth_mib": (after - before) / 1024, "peak_rss_mib": after / 1024}))
-
-
-def _current_rss_kib() -> float:
-    """Resident set size now (Linux /proc/self/statm), KiB; falls back to the peak elsewhere."""
-    try:
-        import os
-
-        pages = int(open("/proc/self/statm").read().split()[1])
-        return pages * os.sysconf("SC_PAGE_SIZE") / 1024
-    except (OSError, ValueError, IndexError):
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    peak = _status_kib("VmHWM")
+    print(json.dumps({"loop": name, "peak_rss_growth_mib": (peak - before) / 1024, "peak_rss_mib": peak / 1024}))
 
 
 def measure_memory(batch: int, steps: int, threads: int) -> dict:
@@ -183,8 +183,8 @@ def write_markdown(res: dict) -> None:
              f"{res['rounds'] * res['steps']} rounds of one step of every loop, interleaved (order alternating). "
              f"Ratio = diffusers loop time / loop time, from process CPU time (one torch thread: the work itself, "
              f"little affected by other processes on the machine); wall-clock ratios are given too. Peak memory: "
-             f"ru_maxrss after {res['memory_steps']} steps "
-             f"minus the resident set before them, in a fresh subprocess per loop. torch {res['torch']}, "
+             f"peak resident set (VmHWM, reset before the steps) over {res['memory_steps']} steps minus the resident "
+             f"set before them, in a fresh subprocess per loop (Linux /proc). torch {res['torch']}, "
              f"diffusers {res['diffusers']}, {res['machine']}. Other processes may share the CPU; interleaving "
              f"exposes every loop to the same load.", "",
              "| loop | parameters | images/CPU-s | images/s (wall) | ratio vs diffusers (CPU) | ratio (wall) | "
