@@ -136,6 +136,23 @@ class Denoiser:
             _sigma_data(process)
         self._scalar_cache: dict[float, tuple[float, float, float, float]] = {}
 
+    @classmethod
+    def from_diffusers(cls, net, scheduler) -> Denoiser:
+        """Wrap a diffusers UNet2DModel / UNet2DConditionModel / transformer with the scheduler it was trained
+        with: process, ᾱ table and prediction type come from the scheduler's config; conditioning keyword
+        arguments (`encoder_hidden_states`, `class_labels`, ...) are passed through."""
+        from .models.from_diffusers import from_diffusers
+
+        return from_diffusers(net, scheduler)
+
+    @classmethod
+    def from_k_diffusion(cls, model, sigma_min: float = 0.002, sigma_max: float = 80.0) -> Denoiser:
+        """Wrap a k-diffusion-style denoiser `model(x, sigma, **cond) -> x0` (canonical already: a VE process with
+        x0 prediction), with the σ range its schedules should use."""
+        from .processes import VE
+
+        return cls(model, VE(sigma_min, sigma_max), "x0")
+
     def _coefficients(self, sb: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """(input scale, model time, c_x, c_out) at canonical levels σ̄ (float64 tensors)."""
         if self.prediction == "edm":

@@ -151,13 +151,13 @@ class DiscreteVP(_UnitStart):
     """
 
     def __init__(self, betas, name: dict | None = None):
+        self.name = name
         betas = torch.as_tensor(betas, dtype=torch.float64)
         if betas.ndim != 1 or len(betas) < 2:
             raise ValueError("betas must be a 1-D sequence with at least two entries")
         if not torch.isfinite(betas).all() or (betas <= 0).any() or (betas >= 1).any():
             raise ValueError("betas must be finite and in (0, 1)")
         self.betas = betas
-        self.name = name
         self.alphas_cumprod = torch.cumprod(1.0 - betas, 0)
         self.sigma_bars = ((1 - self.alphas_cumprod) / self.alphas_cumprod).sqrt()
         self._log_sb = self.sigma_bars.log()
