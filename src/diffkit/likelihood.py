@@ -15,8 +15,13 @@ Integrating in log σ̄ instead of σ̄ keeps the right-hand side of order one o
 p(y; σ̄_max) = E N(y; x0, σ̄_max² I):
 * 'gaussian': N(y; 0, σ̄_max² I) (Song et al. 2021). Its error is y·E[x0]/σ̄_max² + O(tr Cov(x0)/σ̄_max²) nats
   per sample; the first term is of order |E x0|/σ̄_max, large for data with a non-zero mean.
-* 'tweedie' (default): N(y; D(y, σ̄_max), σ̄_max² I), one more model call. Expanding the expectation in
-  y/σ̄_max², its error is O(tr Cov(x0)/σ̄_max²) nats per sample: the mean term cancels.
+* 'tweedie': N(y; D(y, σ̄_max), σ̄_max² I), one more model call. Expanding the expectation in y/σ̄_max², its
+  error is O(tr Cov(x0)/σ̄_max²) nats per sample: the mean term cancels.
+* 'tweedie_cov': the Gaussian N(μ, σ̄² I + C) fitted through Tweedie's first two moments: with J = ∂D/∂y
+  (= Cov[x0 | y]/σ̄², symmetric), C = σ̄² J (I - J)⁻¹ and μ = (I - J)⁻¹(D - J y), which simplifies to
+      log p(y; σ̄) ≈ -(y - D)ᵀ (I - J)⁻¹ (y - D) / (2σ̄²) - (d/2) log(2π σ̄²) + ½ log det(I - J).
+  Exact when the data are Gaussian, so only the data's non-Gaussianity at scale σ̄_max remains; needs the full
+  Jacobian (d vector-Jacobian products). 'auto' (default) takes it up to 64 features, 'tweedie' above.
 * any callable prior(x̄, σ̄_max) -> log density per sample, e.g. a testbed's exact marginal.
 The trace is exact
 (one vector-Jacobian product per dimension, for small d) or Hutchinson's estimate vᵀ(∂D/∂x̄)v with probe
@@ -35,11 +40,12 @@ from scipy.integrate import solve_ivp
 
 Tensor = torch.Tensor
 
-__all__ = ["likelihood", "bits_per_dim", "gaussian_prior", "tweedie_prior", "DIVERGENCES", "PRIORS"]
+__all__ = ["likelihood", "bits_per_dim", "gaussian_prior", "tweedie_prior", "tweedie_cov_prior", "DIVERGENCES",
+           "PRIORS"]
 
 DIVERGENCES = ("exact", "hutchinson")
 _PROBES = ("rademacher", "gaussian")
-PRIORS = ("tweedie", "gaussian")
+PRIORS = ("auto", "tweedie_cov", "tweedie", "gaussian")
 
 
 def gaussian_prior(x_bar: Tensor, sigma: float) -> Tensor:
@@ -59,6 +65,41 @@ def tweedie_prior(denoiser, cond: dict | None = None) -> Callable[[Tensor, float
         return gaussian_prior(x_bar - m, sigma)
 
     return prior
+
+
+def tweedie_cov_prior(denoiser, cond: dict | None = None) -> Callable[[Tensor, float], Tensor]:
+    """The Gaussian prior matched to Tweedie's mean and covariance at σ̄_max (Efron 2011, "Tweedie's Formula and
+    Selection Bias", Eq. 2.8 and its second-order form; module docstring): -(y - D)ᵀ(I - J)⁻¹(y - D)/(2σ̄²)
+    - (d/2) log(2πσ̄²) + ½ log det(I - J), J = ∂D/∂y."""
+
+    def prior(x_bar: Tensor, sigma: float) -> Tensor:
+        den, jac = _jacobian(denoiser, x_bar, sigma, cond or {})
+        d = x_bar[0].numel()
+        a = torch.eye(d, dtype=torch.float64) - 0.5 * (jac + jac.transpose(1, 2)).to(torch.float64).cpu()
+        r = (x_bar - den).flatten(1).to(torch.float64).cpu()
+        chol, info = torch.linalg.cholesky_ex(a)
+        if (info != 0).any():  # I - J not positive definite: not in the Gaussian regime, fall back
+            return gaussian_prior(x_bar - den, sigma)
+        sol = torch.cholesky_solve(r[:, :, None], chol)[:, :, 0]
+        logdet = 2 * torch.log(torch.diagonal(chol, dim1=1, dim2=2)).sum(1)
+        return -0.5 * (r * sol).sum(1) / sigma**2 - 0.5 * d * math.log(2 * math.pi * sigma**2) + 0.5 * logdet
+
+    return prior
+
+
+def _jacobian(denoiser, x: Tensor, sigma: float, cond: dict) -> tuple[Tensor, Tensor]:
+    """(D(x̄, σ̄), ∂D/∂x̄ per sample of shape (batch, d, d)) by one vector-Jacobian product per feature (samples
+    are independent, so each product gives one row for every sample at once)."""
+    with torch.enable_grad():
+        x = x.detach().requires_grad_(True)
+        d_out = denoiser(x, sigma, **cond)
+        flat = d_out.flatten(1)
+        n = flat.shape[1]
+        rows = []
+        for j in range(n):
+            (g,) = torch.autograd.grad(flat[:, j].sum(), x, retain_graph=j < n - 1)
+            rows.append(g.flatten(1))
+    return d_out.detach(), torch.stack(rows, 1)
 
 
 def _trace_exact(denoiser, x: Tensor, sigma: float, cond: dict) -> tuple[Tensor, Tensor]:
@@ -89,7 +130,7 @@ def _trace_hutchinson(denoiser, x: Tensor, sigma: float, cond: dict, probes: Ten
 
 def likelihood(denoiser, x: Tensor, *, sigma_min: float | None = None, sigma_max: float | None = None,
                divergence: str = "auto", probe: str = "rademacher", n_probes: int = 1,
-               generator: torch.Generator | None = None, prior: str | Callable[[Tensor, float], Tensor] = "tweedie",
+               generator: torch.Generator | None = None, prior: str | Callable[[Tensor, float], Tensor] = "auto",
                rtol: float = 1e-6, atol: float = 1e-6, method: str = "RK45", cond: dict | None = None,
                return_info: bool = False):
     """log p(x) in nats per sample by the probability-flow ODE (Song et al. 2021, "Score-Based Generative Modeling
@@ -99,8 +140,8 @@ def likelihood(denoiser, x: Tensor, *, sigma_min: float | None = None, sigma_max
     `sigma_min`/`sigma_max`. `x` (batch, ...) is clean data, i.e. x̄ at σ̄_min; the result is the model's density
     at that level (the data density smoothed by N(0, σ̄_min²)). `divergence`: 'exact', 'hutchinson' (with
     `n_probes` probe vectors of kind `probe`, drawn from `generator`) or 'auto' (exact up to 64 features).
-    `prior` is 'tweedie' (default), 'gaussian' or a callable prior(x̄, σ̄_max) -> log p at the top (module
-    docstring). The ODE runs in float64 with
+    `prior` is 'auto' (default: 'tweedie_cov' up to 64 features, else 'tweedie'), 'tweedie_cov', 'tweedie',
+    'gaussian' or a callable prior(x̄, σ̄_max) -> log p at the top (module docstring). The ODE runs in float64 with
     scipy's `method` at `rtol`/`atol`. With `return_info`, also returns a dict with the prior and divergence
     terms, nats and bits per dimension, and the number of model calls.
     """
@@ -129,9 +170,17 @@ def likelihood(denoiser, x: Tensor, *, sigma_min: float | None = None, sigma_max
     if isinstance(prior, str):
         if prior not in PRIORS:
             raise ValueError(f"unknown prior {prior!r}; valid: {', '.join(PRIORS)} or a callable")
-        prior = tweedie_prior(denoiser, cond) if prior == "tweedie" else gaussian_prior
+        if prior == "auto":
+            prior = "tweedie_cov" if d <= 64 else "tweedie"
+        if prior == "tweedie_cov":
+            prior = tweedie_cov_prior(denoiser, cond)
+        elif prior == "tweedie":
+            prior = tweedie_prior(denoiser, cond)
+        else:
+            prior = gaussian_prior
     elif not callable(prior):
-        raise TypeError("prior must be 'tweedie', 'gaussian' or a callable prior(x_bar, sigma_max)")
+        raise TypeError("prior must be 'auto', 'tweedie_cov', 'tweedie', 'gaussian' or a callable "
+                        "prior(x_bar, sigma_max)")
     dtype, device = x.dtype, x.device
     probes = None
     if divergence == "hutchinson":
