@@ -111,3 +111,19 @@ def test_build_model_errors():
         UNet(image_size=10, channel_mults=(1, 2, 2))
     with pytest.raises(ValueError, match="expects input of shape"):
         tiny_unet()(torch.randn(2, 3, 8, 8), torch.zeros(2))
+
+
+def test_unet_feature_cache_reuses_the_deep_path():
+    """DeepCache-style reuse: a shallow pass with the deep feature of the same input equals the full pass, runs
+    only the full-resolution blocks, and with another time step differs from the full pass."""
+    model = _randomize(tiny_unet(channel_mults=(1, 2, 2), attention_resolutions=(4,), image_size=8)).eval()
+    x, t = torch.randn(2, 1, 8, 8), torch.tensor([3.0, 4.0])
+    cache = {}
+    full = model(x, t, cache=cache)
+    assert torch.equal(full, model(x, t)) and cache["deep"].shape == (2, 32, 8, 8)
+    ran = []
+    with model.hooks({"*": lambda out, name, **kw: ran.append(name)}):
+        shallow = model(x, t, cache={**cache, "reuse": True})
+    torch.testing.assert_close(shallow, full)
+    assert ran == ["down.0.0", "up.0.0", "up.0.1", "out"]
+    assert not torch.allclose(model(x, t + 5, cache={**cache, "reuse": True}), model(x, t + 5))

@@ -149,7 +149,12 @@ class UNet(nn.Module, Hookable):
         nn.init.zeros_(self.conv_out.bias)
         self.out_hook = HookPoint("out")
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor, label: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, t: torch.Tensor, label: torch.Tensor | None = None,
+                cache: dict | None = None) -> torch.Tensor:
+        """Predict from (x, t, label). `cache` (a dict) enables feature reuse across sampling steps ("DeepCache:
+        Accelerating Diffusion Models for Free", Ma et al. 2023, Sec. 3.2): a full pass stores the deep feature
+        entering the full-resolution decoder (the output of ``up.1.upsample``) in cache["deep"]; with
+        cache["reuse"] true and a stored feature, only the full-resolution encoder and decoder blocks run."""
         cfg = self.config
         if x.ndim != 4 or x.shape[1] != cfg.in_channels or x.shape[2] != cfg.image_size or \
                 x.shape[3] != cfg.image_size:
@@ -164,6 +169,12 @@ class UNet(nn.Module, Hookable):
         emb = F.silu(emb)
         h = self.conv_in(x.to(self.conv_in.weight.dtype))
         hs = [h]
+        if cache is not None and cache.get("reuse") and "deep" in cache and len(self.down) > 1:
+            for block in self.down[0].blocks:
+                h = block[0](h, emb)
+                h = block[1](h) if len(block) > 1 else h
+                hs.append(h)
+            return self._decode_level0(cache["deep"], hs, emb)
         for stage in self.down:
             for block in stage.blocks:
                 h = block[0](h, emb)
@@ -175,7 +186,7 @@ class UNet(nn.Module, Hookable):
                 h = stage.down_hook(h) if stage.down_hook.fns else h
                 hs.append(h)
         h = self.mid[2](self.mid[1](self.mid[0](h, emb)), emb)
-        for stage in self.up:
+        for stage in self.up[:-1]:
             for block in stage.blocks:
                 h = block[0](torch.cat([h, hs.pop()], dim=1), emb)
                 if len(block) > 1:
@@ -183,5 +194,15 @@ class UNet(nn.Module, Hookable):
             if hasattr(stage, "upsample"):
                 h = stage.upsample(F.interpolate(h, scale_factor=2.0, mode="nearest"))
                 h = stage.up_hook(h) if stage.up_hook.fns else h
+        if cache is not None:
+            cache["deep"] = h
+        return self._decode_level0(h, hs, emb)
+
+    def _decode_level0(self, h, hs, emb):
+        """The full-resolution decoder blocks and the output head."""
+        for block in self.up[-1].blocks:
+            h = block[0](torch.cat([h, hs.pop()], dim=1), emb)
+            if len(block) > 1:
+                h = block[1](h)
         out = self.conv_out(F.silu(self.norm_out(h)))
         return self.out_hook(out) if self.out_hook.fns else out
