@@ -23,7 +23,7 @@ $(BENCH_STAMP): $(STAMP)
 	touch $@
 
 demo: $(STAMP)
-	$(PY) -m diffkit.demo --out outputs/demo
+	$(PY) -m diffkit.cli demo --out outputs/demo
 
 test: $(STAMP)
 	$(PY) -m pytest -q

@@ -1,25 +1,214 @@
-"""The `diffkit` command.
+"""The `diffkit` command: `demo`, `sample`, `train`, `bench`, `info`, `solvers`, `schedules`.
 
-Subcommands so far: `demo` (the ring-testbed demo of `make demo`), `solvers` and `schedules` (list names).
-Errors are one line on stderr with a non-zero exit status; `--debug` shows the traceback.
+Every subcommand has `--help` with its defaults and examples. Errors are one line on stderr
+(``diffkit: error: ...``) and exit status 2; `--debug` (before the subcommand) shows the traceback instead.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
+from pathlib import Path
 
 EXAMPLES = """examples:
-  diffkit demo --out outputs/demo
+  diffkit demo                                   # the shipped digits model: outputs/demo/grid.png
+  diffkit sample --class 3 --nfe 10 --out outputs/threes
+  diffkit sample --model runs/digits/model --solver dpmpp_2m --nfe 20 --seed 1
+  diffkit train --preset digits --out runs/digits --max-minutes 14
+  diffkit bench --model src/diffkit/assets/digits
+  diffkit info src/diffkit/assets/digits
   diffkit solvers
-  diffkit schedules
 """
 
+SHIPPED = Path(__file__).resolve().parent / "assets" / "digits"
 
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line errors (exit status 2)."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+class _Help(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    pass
+
+
+def _sub(sub, name, help, examples, **kw):
+    return sub.add_parser(name, help=help, description=help, epilog="examples:\n" + examples,
+                          formatter_class=_Help, **kw)
+
+
+# ---- demo
 def _cmd_demo(args) -> int:
     from . import demo
 
-    return demo.main(["--out", args.out, "--n", str(args.n), "--seed", str(args.seed)])
+    return demo.run_args(args)
+
+
+# ---- sample
+def _positive(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {v}")
+    return v
+
+
+def _classes(spec: str | None, num_classes: int) -> list[int] | None:
+    if spec is None:
+        return list(range(num_classes)) if num_classes else None
+    if not num_classes:
+        raise ValueError("--class given but the model is unconditional")
+    try:
+        classes = [int(c) for c in spec.split(",") if c.strip()]
+    except ValueError:
+        raise ValueError(f"--class must be comma-separated integers; got {spec!r}") from None
+    bad = [c for c in classes if not 0 <= c < num_classes]
+    if bad or not classes:
+        raise ValueError(f"class {bad[0] if bad else spec!r} out of range: the model has classes 0..{num_classes - 1}")
+    return classes
+
+
+def _cmd_sample(args) -> int:
+    import numpy as np
+    import torch
+
+    from .checkpoint import load_model
+    from .denoiser import Denoiser
+    from .noise import randn
+    from .processes import process_from_config
+    from .solvers import get_solver, plan, sample
+
+    if args.solver is not None:
+        get_solver(args.solver)  # unknown solver: fail before loading anything
+    model, cfg = load_model(args.model, map_location=args.device)
+    process = process_from_config(cfg["process"])
+    plan(args.solver, process=process, nfe=args.nfe, schedule=args.schedule)  # budget / schedule errors up front
+    den = Denoiser(model, process, cfg["prediction"])
+    num_classes = int(cfg["model"].get("num_classes") or 0)
+    classes = _classes(args.classes, num_classes)
+    shape = (cfg.get("data") or {}).get("shape") or _shape_from_model(cfg["model"])
+    labels = None
+    if classes is not None:
+        labels = torch.tensor(classes).repeat_interleave(args.n)
+        n = len(labels)
+    else:
+        n = args.n
+    seeds = [args.seed * 1_000_003 + i for i in range(n)]
+    noise = randn((n, *shape), seeds=seeds).to(args.device)
+    torch.manual_seed(args.seed)
+    with torch.no_grad():
+        x, info = sample(den, noise, solver=args.solver, nfe=args.nfe, schedule=args.schedule, return_info=True,
+                         cond={} if labels is None else {"label": labels.to(args.device)},
+                         seeds=seeds, progress=not args.no_progress)
+    x = x.float().cpu()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    norm = (cfg.get("data") or {}).get("normalization") or {"mean": 0.0, "std": 1.0}
+    arrays = {"x": x.numpy(), "data_units": (x * float(norm["std"]) + float(norm["mean"])).numpy(),
+              "noise": noise.float().cpu().numpy(), "seeds": np.array(seeds)}
+    if labels is not None:
+        arrays["labels"] = labels.numpy()
+    np.savez(out / "samples.npz", **arrays)
+    title = f"{info['solver']}, {info['nfe']} model calls, seed {args.seed}"
+    _labelled_grid(out / "grid.png", x, labels, title)
+    meta = {"model": str(args.model), "solver": info["solver"], "nfe": info["nfe"], "schedule": args.schedule,
+            "seed": args.seed, "n": n, "classes": classes, "sigmas": [float(s) for s in info["sigmas"]]}
+    (out / "sample.json").write_text(json.dumps(meta, indent=1))
+    print(f"{n} samples ({title})")
+    for f in ("grid.png", "samples.npz", "sample.json"):
+        print(f"wrote {out / f}")
+    return 0
+
+
+def _shape_from_model(mcfg: dict) -> list[int]:
+    if mcfg.get("type") == "mlp":
+        return [int(mcfg["dim"])]
+    return [int(mcfg["in_channels"]), int(mcfg["image_size"]), int(mcfg["image_size"])]
+
+
+def _labelled_grid(path: Path, x, labels, title: str) -> None:
+    """PNG of samples: images as a grid with one row per class (labelled), 2-D points as a scatter plot."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import torch
+
+    if x.ndim == 2:
+        fig, ax = plt.subplots(figsize=(4, 4))
+        ax.scatter(x[:, 0], x[:, 1], s=2, c=None if labels is None else labels.numpy(), cmap="tab10")
+        ax.set_aspect("equal")
+    else:
+        rows = [x[labels == c] for c in labels.unique()] if labels is not None else \
+            list(x.split(max(1, int(len(x) ** 0.5))))
+        names = [str(int(c)) for c in labels.unique()] if labels is not None else [""] * len(rows)
+        c, h, w = x.shape[1:]
+        ncol = max(len(r) for r in rows)
+        grid = torch.ones(c, len(rows) * (h + 1) - 1, ncol * (w + 1) - 1)
+        for i, r in enumerate(rows):
+            for j, img in enumerate(r):
+                grid[:, i * (h + 1):i * (h + 1) + h, j * (w + 1):j * (w + 1) + w] = ((img + 1) / 2).clamp(0, 1)
+        fig, ax = plt.subplots(figsize=(1.0 + 0.35 * ncol, 0.8 + 0.35 * len(rows)))
+        if c == 1:
+            ax.imshow(1 - grid[0].numpy(), cmap="gray", vmin=0, vmax=1, interpolation="nearest")
+        else:
+            ax.imshow(grid[:3].permute(1, 2, 0).numpy(), interpolation="nearest")
+        ax.set_xticks([])
+        ax.set_yticks([i * (h + 1) + h / 2 for i in range(len(rows))], names)
+        if labels is not None:
+            ax.set_ylabel("class")
+    ax.set_title(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+# ---- train
+def _cmd_train(args) -> int:
+    from .train.__main__ import main as train_main
+
+    return train_main(args.train_argv)
+
+
+# ---- bench
+def _cmd_bench(args) -> int:
+    from .benchmark import digits_benchmark, digits_markdown, write_block
+    from .demo import parse_ints
+
+    solvers = [s.strip() for s in args.solvers.split(",") if s.strip()]
+    nfes = parse_ints(args.nfe, "--nfe")
+    per_class = 2 if args.quick else args.per_class
+    if args.quick:
+        solvers, nfes = solvers[:1], nfes[:1]
+    if per_class < 2:
+        raise ValueError(f"--per-class must be at least 2; got {per_class}")
+    result = digits_benchmark(args.model, solvers=solvers, nfes=nfes, per_class=per_class, seed=args.seed,
+                              progress=not args.no_progress)
+    cmd = "diffkit bench" + ("" if args.model is None else f" --model {args.model}") + \
+        "".join(f" {a}" for a in args.shown)
+    text = digits_markdown(result, cmd)
+    print(text)
+    if args.write and not args.quick:
+        write_block(args.write, text)
+        print(f"wrote its block of {args.write}")
+    return 0
+
+
+# ---- info
+def _cmd_info(args) -> int:
+    from .checkpoint import load_model
+
+    model, cfg = load_model(args.checkpoint)
+    params = sum(p.numel() for p in model.parameters())
+    shown = {k: v for k, v in cfg.items() if k not in ("tensors", "optimizer", "rng")}
+    print(f"{args.checkpoint}: {type(model).__name__}, {params:,} parameters")
+    print(json.dumps(shown, indent=1, default=str))
+    return 0
 
 
 def _cmd_solvers(args) -> int:
@@ -39,31 +228,94 @@ def _cmd_schedules(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="diffkit", description="Diffusion and flow models through one denoiser.",
-                                     epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    """The argument parser of the `diffkit` command."""
+    from . import demo
+
+    parser = _Parser(prog="diffkit", description="Diffusion and flow models through one denoiser.",
+                     epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
-    sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("demo", help="sample the 2-D ring testbed and plot error against the exact flow map",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--out", default="outputs/demo", help="output folder")
-    p.add_argument("--n", type=int, default=2000, help="number of samples")
-    p.add_argument("--seed", type=int, default=0, help="noise seed")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = _sub(sub, "demo", "sample the shipped digits model with three solvers at NFE 5/10/20, plot quality vs NFE",
+             "  diffkit demo\n  diffkit demo --out /tmp/demo --per-class 2 --budgets 5,10\n"
+             "  diffkit demo --testbed ring\n")
+    demo.add_arguments(p)
     p.set_defaults(func=_cmd_demo)
-    sub.add_parser("solvers", help="list the solvers").set_defaults(func=_cmd_solvers)
-    sub.add_parser("schedules", help="list the step schedules").set_defaults(func=_cmd_schedules)
+
+    p = _sub(sub, "sample", "sample a model: a labelled PNG grid (rows = classes) and the raw tensors (.npz)",
+             "  diffkit sample                                  # shipped digits model, 8 per class\n"
+             "  diffkit sample --class 3,5 --n 16 --solver heun --nfe 18\n"
+             "  diffkit sample --model runs/digits/model --schedule karras --seed 2\n")
+    p.add_argument("--model", default=str(SHIPPED), help="exported model folder or training checkpoint")
+    p.add_argument("--solver", default=None, help="solver name (diffkit solvers); default: the budget's default")
+    p.add_argument("--nfe", type=_positive, default=20, help="budget of model calls")
+    p.add_argument("--schedule", default=None, help="step schedule (diffkit schedules); default: the solver's")
+    p.add_argument("--seed", type=int, default=0, help="noise seed (sample i uses seed*1000003+i)")
+    p.add_argument("--class", dest="classes", default=None,
+                   help="comma-separated class labels (default: every class of a conditional model)")
+    p.add_argument("--n", type=_positive, default=8, help="samples per class (or in all, unconditional)")
+    p.add_argument("--device", default="cpu", help="torch device")
+    p.add_argument("--out", default="outputs/sample", help="output folder")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=_cmd_sample)
+
+    from .train.__main__ import build_parser as train_parser
+
+    p = _sub(sub, "train", "train a preset (the same code as python -m diffkit.train)",
+             "  diffkit train --list\n"
+             "  diffkit train --preset digits --out runs/digits --max-minutes 14 --threads 1   # the shipped model\n"
+             "  diffkit train --preset moons --out runs/moons --steps 500\n",
+             parents=[train_parser()], conflict_handler="resolve")
+    p.set_defaults(func=_cmd_train)
+
+    p = _sub(sub, "bench", "image quality of a digits model per solver and NFE into BENCHMARKS.md",
+             "  diffkit bench                                   # the shipped model\n"
+             "  diffkit bench --model runs/digits/model --solvers default,unipc --nfe 10,20\n"
+             "  diffkit bench --quick --write ''                # smoke run, prints only\n")
+    p.add_argument("--model", default=None, help="digits model folder or checkpoint (default: the shipped model)")
+    p.add_argument("--solvers", default="default,dpmpp_2m", help="comma-separated; 'default' = library default")
+    p.add_argument("--nfe", default="5,10,20,100", help="comma-separated budgets")
+    p.add_argument("--per-class", type=int, default=30, help="samples per class (same noise for every row)")
+    p.add_argument("--seed", type=int, default=0, help="noise seed")
+    p.add_argument("--write", default="BENCHMARKS.md", help="markdown file whose bench/digits.py block is replaced "
+                   "('' to only print)")
+    p.add_argument("--quick", action="store_true", help="smoke run: first solver and budget, 20 samples, no write")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=_cmd_bench)
+
+    p = _sub(sub, "info", "print a checkpoint's configuration (model, process, prediction, data, training)",
+             "  diffkit info src/diffkit/assets/digits\n  diffkit info runs/digits/ckpt-00000800.json\n")
+    p.add_argument("checkpoint", help="exported model folder, training checkpoint (.json) or run folder")
+    p.set_defaults(func=_cmd_info)
+
+    _sub(sub, "solvers", "list the solvers", "  diffkit solvers\n").set_defaults(func=_cmd_solvers)
+    _sub(sub, "schedules", "list the step schedules", "  diffkit schedules\n").set_defaults(func=_cmd_schedules)
     return parser
 
 
 def main(argv=None) -> int:
+    """Entry point of the `diffkit` command; returns the exit status."""
+    argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.command == "train":  # hand the arguments after 'train' to python -m diffkit.train unchanged
+        args.train_argv = argv[argv.index("train") + 1:]
+    if args.command == "bench":
+        i = argv.index("bench") + 1
+        args.shown = [a for a in argv[i:] if a not in ("--no-progress",)]
+        if args.model is not None:
+            args.shown = [a for a in args.shown if a not in ("--model", args.model)]
     try:
         return args.func(args)
-    except (ValueError, TypeError, OSError) as e:
+    except (ValueError, TypeError, OSError, KeyError, RuntimeError) as e:
         if args.debug:
             raise
-        print(f"diffkit: error: {e}", file=sys.stderr)
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        print(f"diffkit: error: {msg}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("diffkit: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -1,0 +1,111 @@
+"""The `diffkit` command: each subcommand's happy path, --help with defaults and examples, and bad input that exits
+with status 2 and one line on stderr (a traceback only with --debug)."""
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from diffkit.benchmark import write_block
+from diffkit.cli import SHIPPED, main
+
+SUBCOMMANDS = ("demo", "sample", "train", "bench", "info", "solvers", "schedules")
+
+
+def one_line_error(capsys, argv, match):
+    code = _run(argv)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2, err
+    assert len(err) == 1 and "error" in err[0] and match in err[0], err
+
+
+def _run(argv):
+    try:
+        return main(argv)
+    except SystemExit as e:  # argparse errors
+        return e.code
+
+
+@pytest.mark.parametrize("command", SUBCOMMANDS)
+def test_help_shows_defaults_and_examples(command, capsys):
+    assert _run([command, "--help"]) == 0
+    out = capsys.readouterr().out
+    assert "examples:" in out and f"diffkit {command}" in out
+    if command in ("demo", "sample", "bench"):
+        assert "(default:" in out
+
+
+def test_sample_writes_a_labelled_grid_and_tensors(tmp_path, capsys):
+    assert main(["sample", "--class", "3,7", "--n", "2", "--nfe", "5", "--solver", "dpmpp_2m", "--out",
+                 str(tmp_path), "--no-progress", "--seed", "4"]) == 0
+    z = np.load(tmp_path / "samples.npz")
+    assert z["x"].shape == (4, 1, 16, 16) and z["labels"].tolist() == [3, 3, 7, 7]
+    assert np.allclose(z["data_units"], z["x"] * 8 + 8)
+    meta = json.loads((tmp_path / "sample.json").read_text())
+    assert meta["solver"] == "dpmpp_2m" and meta["nfe"] <= 5 and meta["classes"] == [3, 7]
+    assert (tmp_path / "grid.png").stat().st_size > 0
+    assert str(tmp_path / "grid.png") in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("argv, match", [
+    (["sample", "--model", "/no/such/model"], "does not exist"),
+    (["sample", "--solver", "nosuch"], "unknown solver 'nosuch'"),
+    (["sample", "--nfe", "-3"], "positive integer"),
+    (["sample", "--nfe", "0"], "positive integer"),
+    (["sample", "--class", "10"], "out of range"),
+    (["sample", "--class", "-1"], "out of range"),
+    (["sample", "--schedule", "nosuch"], "nosuch"),
+    (["info", "/no/such/checkpoint"], "does not exist"),
+    (["bench", "--solvers", "nosuch", "--write", ""], "unknown solver"),
+    (["bench", "--nfe", "-5", "--write", ""], "positive"),
+    (["bench", "--model", "/no/such/model", "--write", ""], "does not exist"),
+    (["train", "--preset", "nosuch", "--out", "/tmp/diffkit-nosuch"], "unknown preset"),
+    (["demo", "--budgets", "0"], "positive"),
+    (["nosuch"], "invalid choice"),
+])
+def test_bad_input_is_one_line_and_status_2(argv, match, capsys):
+    one_line_error(capsys, argv, match)
+
+
+def test_debug_shows_the_traceback():
+    with pytest.raises(ValueError, match="out of range"):
+        main(["--debug", "sample", "--class", "11"])
+
+
+def test_info_prints_the_config(capsys):
+    assert main(["info", str(SHIPPED)]) == 0
+    out = capsys.readouterr().out
+    assert "1,192,641 parameters" in out
+    cfg = json.loads(out[out.index("{"):])
+    assert cfg["model"]["num_classes"] == 10 and cfg["prediction"] == "edm" and cfg["process"]["type"] == "EDM"
+
+
+def test_train_is_python_m_diffkit_train(tmp_path, capsys):
+    assert main(["train", "--list"]) == 0
+    assert "digits" in capsys.readouterr().out
+    assert main(["train", "--preset", "moons", "--steps", "3", "--out", str(tmp_path), "--no-progress"]) == 0
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["step"] == 3 and (tmp_path / "model" / "config.json").exists()
+    assert main(["info", str(tmp_path / "model")]) == 0
+
+
+def test_bench_quick_and_its_block(tmp_path, capsys):
+    assert main(["bench", "--quick", "--no-progress", "--write", ""]) == 0
+    out = capsys.readouterr().out
+    assert "| default (unipc) | 5 |" in out and "precision" in out
+    md = tmp_path / "B.md"
+    md.write_text("# Benchmarks\n\nother text\n")
+    write_block(md, "first")
+    write_block(md, "second")
+    text = md.read_text()
+    assert "other text" in text and "second" in text and "first" not in text
+    assert text.count("<!-- bench/digits.py:start -->") == 1
+
+
+def test_entry_point_runs():
+    r = subprocess.run([sys.executable, "-m", "diffkit.cli", "sample", "--class", "99"], capture_output=True,
+                       text=True)
+    assert r.returncode == 2 and r.stderr.strip() == "diffkit: error: class 99 out of range: the model has classes 0..9"
+    assert "Traceback" not in r.stderr
