@@ -427,7 +427,7 @@ def _ok(r):
 def best(records, key, budget, libraries, pred=None, metric="err"):
     cands = [r for r in records if r["testbed"] == key and r["budget"] == budget and r["library"] in libraries
              and not r["heldout"] and _ok(r) and (pred is None or pred(r))]
-    return min(cands, key=lambda r: r[metric]) if cands else None
+    return min(cands, key=lambda r: (r[metric], r["library"], r["config"])) if cands else None
 
 
 ANCHOR_LIBS = ("diffusers", "k-diffusion")
@@ -535,6 +535,37 @@ def candidates(records, summary, keys, budgets, top=3):
     return out
 
 
+def attach_heldout(records, summary, cands, keys):
+    """Held-out ratios of the selected configurations (from the held-out records)."""
+    for key in keys:
+        for row in summary[key]:
+            d, a = row["best_diffkit"], row["best_anchor"]
+            if d is None or a is None:
+                continue
+
+            def find(r, nfe=row["budget"]):
+                return next((x for x in records if x["heldout"] and x["testbed"] == key and x["budget"] == nfe
+                             and x["library"] == r["library"] and x["config"] == r["config"] and _ok(x)), None)
+
+            hd, ha = find(d), find(a)
+            if hd and ha:
+                row["heldout_ratio"] = hd["err"] / ha["err"]
+    for nfe, cs in cands.items():
+        if not cs:
+            continue
+        ratios = []
+        for key in keys:
+            a = next(row["best_anchor"] for row in summary[key] if row["budget"] == nfe)
+            ha = next((x for x in records if x["heldout"] and x["testbed"] == key and x["budget"] == nfe
+                       and x["library"] == a["library"] and x["config"] == a["config"] and _ok(x)), None)
+            hc = next((x for x in records if x["heldout"] and x["testbed"] == key and x["budget"] == nfe
+                       and x["library"] == "diffkit" and x["config"] == cs[0]["config"] and _ok(x)), None)
+            if ha and hc:
+                ratios.append(hc["err"] / ha["err"])
+        if len(ratios) == len(keys):
+            cs[0]["heldout_max_ratio"] = max(ratios)
+
+
 # ------------------------------------------------------------------------------------------------------------
 # output
 # ------------------------------------------------------------------------------------------------------------
@@ -619,7 +650,9 @@ def markdown(meta, records, summary, tg, over, cons, sus, keys, budgets, fig_rel
       "bench/solvers.py --quick`.  ")
     w(f"Machine: {meta['cpu']}, {meta['cores']} cores, {meta['jobs']} worker processes × 1 torch thread; "
       f"Python {meta['python']}, torch {meta['torch']}, diffusers {meta['diffusers']}, k-diffusion "
-      f"{meta['k_diffusion']}; diffkit at commit {meta['commit']}. Wall time of this run: "
+      f"{meta['k_diffusion']}; diffkit at commit {meta['commit']}"
+      + (f" (with uncommitted changes in {', '.join(meta['dirty'])})" if meta.get("dirty") else "")
+      + f". Wall time of this run: "
       f"{meta['runtime_s'] / 60:.1f} min ({meta['cpu_s'] / 60:.1f} CPU-min over all processes; load average at "
       f"the end {meta['load_avg'][0]:.1f} on {meta['cores']} cores, the machine being shared).")
     w("")
@@ -818,7 +851,7 @@ def markdown(meta, records, summary, tg, over, cons, sus, keys, budgets, fig_rel
         for s in sus:
             groups.setdefault((s["kind"], s["config"].split(" / ")[0]), []).append(s)
         for (kind, solver), ss in sorted(groups.items(), key=lambda kv: (kv[0][0], -len(kv[1]))):
-            worst = max(ss, key=lambda s: s.get("factor", 0))
+            worst = max(ss, key=lambda s: (float(f"{s.get('factor', 0):.4g}"), s["testbed"], s["config"]))
             tbs = ", ".join(sorted({s["testbed"] for s in ss}))
             w(f"| {kind} | `{solver}` | {tbs} | {len({(s['testbed'], s['config']) for s in ss})} | "
               f"{worst['testbed']} `{worst['config']}`: {worst['detail']} |")
@@ -844,7 +877,7 @@ def markdown(meta, records, summary, tg, over, cons, sus, keys, budgets, fig_rel
             (lib, name), rs = item
             r = rs.get(ref_b)
             e = r["err"] if r is not None and _ok(r) else math.inf
-            return (lib != "diffkit", e)
+            return (lib != "diffkit", float(f"{e:.3g}"), name)  # as displayed: exact ties sort by name
 
         for (_lib, name), rs in sorted(cfgs.items(), key=sort_key):
             w(f"| {name} | " + " | ".join(_fmt(rs.get(b), True) if b in rs else "" for b in budgets) + " |")
@@ -898,18 +931,49 @@ def write_markdown(path: Path, section: str):
     path.write_text(text)
 
 
-def git_revision() -> str:
-    """Commit of the working tree (with '+dirty' when src/ differs from it)."""
+def git_revision() -> tuple[str, list[str]]:
+    """Commit of the working tree and the src/ files that differ from it (others may edit the tree)."""
     import subprocess
 
     try:
         rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
                              check=True).stdout.strip()
         dirty = subprocess.run(["git", "status", "--porcelain", "--", "src"], cwd=ROOT, capture_output=True,
-                               text=True).stdout.strip()
-        return rev + ("+dirty" if dirty else "")
+                               text=True).stdout.split("\n")
+        return rev, [line[3:] for line in dirty if line.strip()]
     except Exception:  # noqa: BLE001
-        return "?"
+        return "?", []
+
+
+_RECORD_DEFAULTS = {"heldout": False, "note": "", "problems": [], "end_sigma": 0.0}
+
+
+def _slim_record(r: dict) -> dict:
+    """A record without its default-valued fields (restored by `_full_record`)."""
+    out = {k: v for k, v in r.items() if not (k in _RECORD_DEFAULTS and v == _RECORD_DEFAULTS[k])}
+    if out.get("resolved") == out.get("config"):
+        del out["resolved"]
+    if "seconds" in out:
+        out["seconds"] = float(f"{out['seconds']:.3g}")
+    return out
+
+
+def _full_record(r: dict) -> dict:
+    return {**{k: (list(v) if isinstance(v, list) else v) for k, v in _RECORD_DEFAULTS.items()}, **r}
+
+
+_PRECISE = ("err", "median_err", "err_end", "diff")  # kept to 10 digits: rankings are re-derived from them
+
+
+def _rounded(obj, digits: int = 6):
+    """Floats to `digits` significant digits (keeps the JSON small), errors to 10."""
+    if isinstance(obj, float):
+        return float(f"{obj:.{digits}g}") if math.isfinite(obj) else obj
+    if isinstance(obj, dict):
+        return {k: _rounded(v, 10 if k in _PRECISE else digits) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_rounded(v, digits) for v in obj]
+    return obj
 
 
 def machine() -> dict:
@@ -923,7 +987,7 @@ def machine() -> dict:
         pass
     import diffusers
 
-    return {"cpu": cpu, "cores": os.cpu_count(), "commit": git_revision(), "python": platform.python_version(),
+    return {"cpu": cpu, "cores": os.cpu_count(), "python": platform.python_version(),
             "torch": torch.__version__,
             "diffusers": diffusers.__version__, "k_diffusion": A.k_diffusion_version(),
             "platform": platform.platform()}
@@ -948,10 +1012,14 @@ def main(argv=None):
                    help="markdown file to update (default BENCHMARKS.md; none in --quick mode unless given)")
     p.add_argument("--json", type=str, default=None)
     p.add_argument("--figure", type=str, default=None)
+    p.add_argument("--from-json", type=str, default=None,
+                   help="re-render the plot and BENCHMARKS.md from a results JSON of an earlier run (no sampling)")
     args = p.parse_args(argv)
+    if args.from_json:
+        return rerender(args)
 
     t_start = time.perf_counter()
-    commit = git_revision()
+    commit, dirty = git_revision()
     quick = args.quick
     n = args.n or (200 if quick else 1000)
     budgets = tuple(int(x) for x in args.nfe.split(",")) if args.nfe else (QUICK_NFES if quick else NFES)
@@ -1023,33 +1091,7 @@ def main(argv=None):
         if pool:
             pool.close()
             pool.join()
-        for key in keys:
-            for row in summary[key]:
-                d, a = row["best_diffkit"], row["best_anchor"]
-                if d is None or a is None:
-                    continue
-
-                def find(r, nfe=row["budget"]):
-                    return next((x for x in records if x["heldout"] and x["testbed"] == key and x["budget"] == nfe
-                                 and x["library"] == r["library"] and x["config"] == r["config"] and _ok(x)), None)
-
-                hd, ha = find(d), find(a)
-                if hd and ha:
-                    row["heldout_ratio"] = hd["err"] / ha["err"]
-        for nfe, cs in cands.items():
-            if not cs:
-                continue
-            ratios = []
-            for key in keys:
-                a = next(row["best_anchor"] for row in summary[key] if row["budget"] == nfe)
-                ha = next((x for x in records if x["heldout"] and x["testbed"] == key and x["budget"] == nfe
-                           and x["library"] == a["library"] and x["config"] == a["config"] and _ok(x)), None)
-                hc = next((x for x in records if x["heldout"] and x["testbed"] == key and x["budget"] == nfe
-                           and x["library"] == "diffkit" and x["config"] == cs[0]["config"] and _ok(x)), None)
-                if ha and hc:
-                    ratios.append(hc["err"] / ha["err"])
-            if len(ratios) == len(keys):
-                cs[0]["heldout_max_ratio"] = max(ratios)
+        attach_heldout(records, summary, cands, keys)
     else:
         cands = candidates(records, summary, keys, budgets)
 
@@ -1061,9 +1103,6 @@ def main(argv=None):
         print("per-step overhead ...", flush=True)
         reps = args.overhead_repeats or (10 if quick else 30)
         over = overhead(nfes=(20,) if quick else (20, 50), repeats=reps)
-    tg = targets(summary, over, budgets)
-    tg_med = targets(analyse(records, keys, budgets, "median_err"), over, budgets, "median_err")
-    sus = suspicious(records, keys, budgets)
     runtime = time.perf_counter() - t_start
     ru_self, ru_kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
     cpu_s = ru_self.ru_utime + ru_self.ru_stime + ru_kids.ru_utime + ru_kids.ru_stime
@@ -1076,17 +1115,46 @@ def main(argv=None):
             "defaults": {str(b): default_choice(b) for b in budgets},
             "deterministic": deterministic_solvers(), "stochastic_excluded": stochastic_solvers()}
     meta["commit"] = commit
+    meta["dirty"] = dirty
+    report(meta, records, over, cons, keys, budgets, summary, cands, json_path, fig_path, md_path)
+
+
+def rerender(args):
+    """Plot and markdown from a saved results JSON (same analysis, no sampling)."""
+    data = json.loads(Path(args.from_json).read_text())
+    meta, records = data["meta"], [_full_record(r) for r in data["records"]]
+    meta.setdefault("dirty", [])
+    keys, budgets = list(meta["testbeds"]), tuple(meta["budgets"])
+    quick = "--quick" in meta["command"]
+    suffix = "_quick" if quick else ""
+    fig_path = Path(args.figure) if args.figure else HERE / "figures" / f"solvers_error_vs_nfe{suffix}.png"
+    md_path = Path(args.md) if args.md else (None if quick else ROOT / "BENCHMARKS.md")
+    summary = analyse(records, keys, budgets)
+    cands = candidates(records, summary, keys, budgets)
+    attach_heldout(records, summary, cands, keys)
+    report(meta, records, data["overhead"], data["consistency"], keys, budgets, summary, cands,
+           Path(args.json or args.from_json), fig_path, md_path, write_json=args.json is not None)
+
+
+def report(meta, records, over, cons, keys, budgets, summary, cands, json_path, fig_path, md_path, write_json=True):
+    """Targets, flags, plot, JSON, markdown and the console summary."""
+    records = sorted(records, key=lambda r: (r["testbed"], r["library"], r["config"], r["heldout"], r["budget"]))
+    tg = targets(summary, over, budgets)
+    tg_med = targets(analyse(records, keys, budgets, "median_err"), over, budgets, "median_err")
+    sus = suspicious(records, keys, budgets)
+    runtime, cpu_s, t_configs = meta["runtime_s"], meta["cpu_s"], meta["configs_runtime_s"]
     plot(records, summary, keys, budgets, fig_path)
     json_path.parent.mkdir(parents=True, exist_ok=True)
     slim = {"meta": meta, "targets": tg, "targets_median_err": tg_med, "candidate_defaults": cands,
-            "records": records, "overhead": over, "consistency": cons,
+            "records": [_slim_record(r) for r in records], "overhead": over, "consistency": cons,
             "suspicious": sus,
             "summary": {k: [{"budget": row["budget"], "heldout_ratio": row.get("heldout_ratio"),
                              **{f: (None if row[f] is None else {x: row[f].get(x) for x in
                                                                  ("library", "config", "err", "nfe")})
                                 for f in ("best_diffkit", "best_anchor", "default", "best_diffusers",
                                           "best_kdiffusion")}} for row in rows] for k, rows in summary.items()}}
-    json_path.write_text(json.dumps(slim, indent=1, default=str))
+    if write_json:
+        json_path.write_text(json.dumps(_rounded(slim), separators=(",", ":"), default=str))
     if md_path is not None:
         fig_rel = os.path.relpath(fig_path, md_path.parent)
         write_markdown(md_path, markdown(meta, records, summary, tg, over, cons, sus, keys, budgets, fig_rel,
