@@ -174,10 +174,16 @@ class Choice:
     schedule_options: dict = field(default_factory=dict)
 
 
-# Default configuration per budget of model calls, chosen from bench/solvers.py (see BENCHMARKS.md):
-# rows of (largest nfe the row covers, choice).
+# Default configuration per budget of model calls, chosen from bench/solvers.py (BENCHMARKS.md, "Candidate
+# defaults"): per budget, the swept configuration with the smallest worst-case ratio to the best anchor over the
+# three testbeds, by RMS and by median per-sample error. DEIS with ε̂ extrapolated in log σ̄ wins at 5-20 calls;
+# above, the higher-order linear multistep in σ̄ (whose step into σ̄ = 0 keeps its order).
+# Rows of (largest nfe the row covers, choice).
 DEFAULTS: list[tuple[int, Choice]] = [
-    (10**9, Choice("unipc", "logsnr")),
+    (6, Choice("deis", "karras", "sigma_min", {"coordinate": "log_sigma"})),
+    (12, Choice("deis", "logsnr", "sigma_min", {"coordinate": "log_sigma"})),
+    (30, Choice("deis", "karras", "zero", {"coordinate": "log_sigma"})),
+    (10**9, Choice("lms", "logsnr", "replace")),
 ]
 
 
