@@ -483,3 +483,32 @@ def test_dpmpp_2m_matches_diffusers(steps, monkeypatch):
     assert x.dtype == F64
     out = diffkit.sample(gm.denoiser(process, "eps"), noise, solver="dpmpp_2m", steps=steps, schedule="trailing")
     torch.testing.assert_close(out, x, rtol=1e-10, atol=1e-10)
+
+
+def test_multistep_stability_guard_on_a_wide_last_interval():
+    """A grid uniform in σ ending at σ̄_min has a last λ-interval ~10x its predecessor: a third-order
+    extrapolation over it blew up at 15 steps (where lower_order_final switches off); the guard lowers the order."""
+    gm = GaussianMixture.random(8, n_components=4, seed=3)
+    process = EDM()
+    den = gm.denoiser(process, "eps")
+    noise = torch.randn(64, 8, generator=torch.Generator().manual_seed(5), dtype=F64)
+    x0 = process.noise_to_canonical(noise, process.sigma_bar_max)
+    ref = gm.flow_map(x0, process.sigma_bar_max, 0.0)
+    for name in ("unipc", "dpmpp_3m"):
+        errs = [float((diffkit.sample(den, noise, solver=name, nfe=k, schedule="trailing", end="sigma_min")
+                       - ref).pow(2).mean().sqrt()) for k in (14, 15, 16)]
+        assert errs[1] < 1.5 * errs[0] and errs[2] < 1.5 * errs[0], (name, errs)
+
+
+def test_adaptive_takes_only_the_range_from_a_named_schedule():
+    gm = GaussianMixture.ring()
+    process = EDM()
+    den = gm.denoiser(process, "eps")
+    noise = torch.randn(32, 2, generator=torch.Generator().manual_seed(6), dtype=F64)
+    _, info = diffkit.sample(den, noise, solver="dpm_adaptive", nfe=40, schedule="trailing", return_info=True)
+    assert float(info["sigmas"][0]) == pytest.approx(80.0) and float(info["sigmas"][-2]) == pytest.approx(0.002)
+    x0 = process.noise_to_canonical(noise, process.sigma_bar_max)
+    ref = gm.flow_map(x0, process.sigma_bar_max, 0.0)
+    for nfe in (6, 8, 12):  # running out of budget finishes with stable steps, never a blow-up
+        out = diffkit.sample(den, noise, solver="dpm_adaptive", nfe=nfe)
+        assert float((out - ref).pow(2).mean().sqrt() / ref.pow(2).mean().sqrt()) < 1.5

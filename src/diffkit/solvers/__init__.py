@@ -62,6 +62,7 @@ class SolverSpec:
     preset: dict = field(default_factory=dict)
     summary: str = ""
     stochastic: bool = False  # takes a noise sampler `noise(sigma, sigma_next)` (see diffkit.noise)
+    adaptive: bool = False  # places its own steps: a named schedule only gives the σ̄ range
 
 
 def _budget_one(nfe, end, opts):
@@ -118,6 +119,7 @@ _REGISTRY: dict[str, SolverSpec] = {
               summary="PNDM: 3 pseudo Runge-Kutta steps, then PLMS"),
         _spec("lms", lms, schedule="karras", preset={"order": 4}, summary="linear multistep in sigma, order 4"),
         _spec("dpm_adaptive", dpm_adaptive, lambda s, o: o.get("max_nfe") or 0, _budget_adaptive, min_nfe=4,
+              adaptive=True,
               summary="DPM-Solver-23 adaptive step size in log-SNR"),
     ]
 }
@@ -252,6 +254,8 @@ def plan(solver: str | None = None, *, process=None, nfe: int | None = None, ste
             options = {**options, **extra}
         elif steps is None:
             steps = 10
+        if spec.adaptive:  # the grid is only the range [σ̄_max, σ̄_min] (and the end)
+            schedule, schedule_options = "logsnr", {}
         sigmas = get_sigmas(schedule or spec.schedule, steps, process=process, sigma_min=sigma_min,
                             sigma_max=sigma_max, end=end, **schedule_options)
     calls = spec.calls([float(s) for s in sigmas], options)

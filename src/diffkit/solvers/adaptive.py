@@ -7,7 +7,7 @@ import math
 import torch
 
 from .base import as_floats, emit, eps_of
-from .dpm import dpm_solver_step
+from .dpm import dpm_solver_step, dpmpp_multistep
 
 
 def vp_scale(sigma: float) -> float:
@@ -26,8 +26,10 @@ def dpm_adaptive(denoiser, x, sigmas, *, rtol: float = 0.05, atol: float = 0.007
     scale DPM-Solver's tolerances are stated in: canonical x̄ grows like σ̄ and would make rtol meaningless at
     high noise). A grid ending at 0 adds a final denoising call.
 
-    `max_nfe` is a hard budget: when an attempt no longer fits, the rest of the interval is covered by one
-    DPM-Solver step of the highest order that does. `info['nfe']` receives the calls used."""
+    `max_nfe` is a hard budget: when an attempt (that does not finish the range) would leave fewer than two
+    calls, the rest of the interval is covered by as many DPM-Solver++(2M) steps, uniform in λ, as calls are
+    left (a single high-order step over a wide λ-range is unstable). The grid only gives the range: its first
+    level and its last positive one. `info['nfe']` receives the calls used."""
     if not (rtol > 0 and atol > 0 and h_init > 0 and 0 < theta <= 1):
         raise ValueError("need rtol > 0, atol > 0, h_init > 0 and 0 < theta <= 1")
     cond = cond or {}
@@ -38,10 +40,13 @@ def dpm_adaptive(denoiser, x, sigmas, *, rtol: float = 0.05, atol: float = 0.007
     budget = math.inf if max_nfe is None else max_nfe
     nfe = 0
 
-    def eps(y, sig):
+    def counted(y, sig, **kw):
         nonlocal nfe
         nfe += 1
-        return eps_of(y, denoiser(y, sig, **cond), sig)
+        return denoiser(y, sig, **kw)
+
+    def eps(y, sig):
+        return eps_of(y, counted(y, sig, **cond), sig)
 
     lam_s, lam_end = -math.log(s[0]), -math.log(s_end)
     sig_s, h = s[0], h_init
@@ -49,13 +54,12 @@ def dpm_adaptive(denoiser, x, sigmas, *, rtol: float = 0.05, atol: float = 0.007
     while lam_end - lam_s > 1e-5:
         cost = 3 if e_s is None else 2
         left = budget - nfe - reserve
-        if left < cost:  # the budget ends the adaptivity: one last step of the order that fits
-            if e_s is None and left < 1:
-                break
-            if e_s is None:
-                e_s, left = eps(x, sig_s), left - 1
-            order = min(3, int(left) + 1)
-            x, sig_s, lam_s = dpm_solver_step(eps, x, e_s, sig_s, s_end, order), s_end, lam_end
+        last = lam_s + min(h, lam_end - lam_s) >= lam_end - 1e-5
+        if left < cost + (0 if last else 2):  # the budget ends the adaptivity: the rest in `left` 2M steps
+            if left >= 1:
+                rest = torch.exp(torch.linspace(-lam_s, -lam_end, int(left) + 1, dtype=torch.float64))
+                x = dpmpp_multistep(counted, x, rest, order=2, cond=cond)
+                sig_s, lam_s = s_end, lam_end
             break
         if e_s is None:
             e_s = eps(x, sig_s)
@@ -70,8 +74,7 @@ def dpm_adaptive(denoiser, x, sigmas, *, rtol: float = 0.05, atol: float = 0.007
             x, x_prev, sig_s, lam_s, e_s, i = x_hi, c * x_lo, sig_t, lam_s + h, None, i + 1
         h = min(theta * h * max(err, 1e-10) ** (-1 / 3), lam_end - lam_s)
     if to_zero:
-        d = denoiser(x, sig_s, **cond)
-        nfe += 1
+        d = counted(x, sig_s, **cond)
         emit(callback, i, x, sig_s, 0.0, d)
         x = d
     if info is not None:

@@ -56,15 +56,29 @@ def emit(callback: Callable | None, i: int, x: Tensor, sigma: float, sigma_next:
         callback({"i": i, "x": x, "sigma": sigma, "sigma_next": sigma_next, "denoised": denoised})
 
 
-def multistep_order(i: int, n: int, max_order: int, sigma_next: float, lower_order_final: bool) -> int:
-    """Order of step i of n for a multistep method: warm-up uses i+1 previous values; a step to σ̄ = 0 is
-    first order (its λ-step is infinite); with `lower_order_final` the last steps use at most the number of
-    remaining steps, as in DPM-Solver++ (Lu et al. 2022, Sec. 5) for short schedules."""
+MAX_EXTRAPOLATION = 4.0
+
+
+def multistep_order(i: int, s: list[float], max_order: int, lower_order_final: bool,
+                    in_log_sigma: bool = True) -> int:
+    """Order of step i on the grid s for a multistep method. Warm-up uses the i+1 values it has; with
+    `lower_order_final` the last steps use at most the number of remaining steps, as in DPM-Solver++ (Lu et
+    al. 2022, Sec. 5) for short schedules. For methods that extrapolate in λ = -log σ̄ (`in_log_sigma`): a step
+    into σ̄ = 0 (an infinite λ-step) is first order, and a stability guard applies: an order-p step extrapolates
+    its p previous values, which span λ_i - λ_{i-p+1}; a step longer than MAX_EXTRAPOLATION times that span (e.g.
+    the last interval of a grid uniform in σ down to σ̄_min) amplifies their differences and is taken at a lower
+    order."""
+    n = len(s) - 1
     order = min(max_order, i + 1)
     if lower_order_final:
         order = min(order, n - i)
-    if sigma_next == 0:
-        order = 1
+    if not in_log_sigma:
+        return order
+    if s[i + 1] == 0:
+        return 1
+    h = math.log(s[i] / s[i + 1])
+    while order > 1 and h > MAX_EXTRAPOLATION * math.log(s[i - order + 1] / s[i]):
+        order -= 1
     return order
 
 

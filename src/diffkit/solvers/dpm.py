@@ -122,7 +122,7 @@ def dpmpp_multistep(denoiser, x, sigmas, *, order: int = 2, lower_order_final: b
         emit(callback, i, x, si, ti, d)
         hist_d.insert(0, d), hist_l.insert(0, lam(si))
         del hist_d[3:], hist_l[3:]
-        o = multistep_order(i, n, order, ti, lof)
+        o = multistep_order(i, s, order, lof)
         if o == 1:
             x = d if ti == 0 else (ti / si) * x - math.expm1(-math.log(si / ti)) * d
             continue

@@ -91,7 +91,7 @@ def adams_bashforth(denoiser, x, sigmas, *, order: int = 3, coordinate: str = "t
         if i < prk_steps and ti > 0:
             x = _prk_step(denoiser, x, si, ti, e, cond)
             continue
-        o = multistep_order(i, n, order, ti if not smooth_to_zero else 1.0, lower_order_final)
+        o = multistep_order(i, s, order, lower_order_final, in_log_sigma=not smooth_to_zero)
         if o == 1:
             x = x - (si - ti) * e
             continue

@@ -244,7 +244,7 @@ def dpmpp_sde(denoiser, x, sigmas, *, noise=None, order: int = 2, solver_type: s
         if ti == 0:
             x = d
             continue
-        o = multistep_order(i, n, order, ti, lof)
+        o = multistep_order(i, s, order, lof)
         h = math.log(si / ti)
         H = (1.0 + eta) * h
         moments = exp_moments(H, 2)
@@ -313,7 +313,7 @@ def sa_solver(denoiser, x, sigmas, *, noise=None, predictor_order: int = 3, corr
         base = math.exp(-H) * x
         if eta > 0 and s_noise > 0:
             base = base + (s_noise * ti * math.sqrt(-math.expm1(-2.0 * eta * h))) * _draw(noise, si, ti, x)
-        po = multistep_order(i, n, predictor_order, ti, lof)
+        po = multistep_order(i, s, predictor_order, lof)
         v_hist = [(l_ - hist_l[0]) / h for l_ in hist_l[:po]]
         b = exp_lagrange_weights(v_hist, H)
         x_pred = base

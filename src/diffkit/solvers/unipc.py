@@ -74,7 +74,7 @@ def unipc(denoiser, x, sigmas, *, order: int = 3, variant: str = "bh2", correcto
         if ti == 0:
             x = d
             continue
-        o = multistep_order(i, n, order, ti, lof)
+        o = multistep_order(i, s, order, lof)
         x_last, last_order = x, o
         x = _unipc_update(x, si, ti, hist_d, hist_l, o, variant)
     return x
