@@ -205,6 +205,7 @@ def run_ring(out: Path, n: int = 2000, seed: int = 0) -> dict:
 
 def _atomic_write_bytes(path: Path, data: bytes):
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".")
+    os.chmod(tmp, 0o644)  # mkstemp creates 0600; outputs are ordinary files
     with os.fdopen(fd, "wb") as f:
         f.write(data)
         f.flush()
