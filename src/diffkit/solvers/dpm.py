@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import math
 
-from .base import as_floats, emit, eps_of, lam, lincomb, lower_order_final_default, multistep_order, steps
+from .base import as_floats, emit, eps_of, steps
+from .stochastic import dpmpp_sde
 
 
 def singlestep_orders(nfe: int, order: int) -> list[int]:
@@ -99,7 +100,7 @@ def dpmpp_2s(denoiser, x, sigmas, *, r: float = 0.5, cond=None, callback=None, p
 
 
 def dpmpp_multistep(denoiser, x, sigmas, *, order: int = 2, lower_order_final: bool | None = None,
-                    cond=None, callback=None, progress=False):
+                    solver_type: str = "midpoint", cond=None, callback=None, progress=False):
     """Multistep DPM-Solver++(2M)/(3M) ("DPM-Solver++", Lu et al. 2022, Alg. 2 and its third-order multistep).
     With D_0 the newest data prediction, r_k = h_k / h and first differences D1_k = (D_k - D_{k+1})/r_k:
       2M: x̄_t = (σ̄_t/σ̄_s) x̄ - φ_1 (D_0 + D1_0 / 2)
@@ -108,34 +109,8 @@ def dpmpp_multistep(denoiser, x, sigmas, *, order: int = 2, lower_order_final: b
     and D2 = (D1_0 - D1_1)/(r_0 + r_1) ≈ h² D''/2. The exact data-form integral expands as
     -φ_1 D + h φ_2 D' - h² φ_3 D'', so the D2 term carries the factor 2: the reference code and diffusers
     use φ_3 D2, half the needed term, which leaves their "3M" second order (tests/test_solvers.py measures
-    both). Warm-up and the step into σ̄ = 0 use lower orders (`base.multistep_order`)."""
-    if order not in (1, 2, 3):
-        raise ValueError(f"DPM-Solver++ multistep order must be 1, 2 or 3; got {order}")
-    cond = cond or {}
-    s = as_floats(sigmas)
-    n = len(s) - 1
-    lof = lower_order_final_default(n) if lower_order_final is None else lower_order_final
-    hist_d, hist_l = [], []
-    for i in steps(n, progress):
-        si, ti = s[i], s[i + 1]
-        d = denoiser(x, si, **cond)
-        emit(callback, i, x, si, ti, d)
-        hist_d.insert(0, d), hist_l.insert(0, lam(si))
-        del hist_d[3:], hist_l[3:]
-        o = multistep_order(i, s, order, lof)
-        if o == 1:
-            x = d if ti == 0 else (ti / si) * x - math.expm1(-math.log(si / ti)) * d
-            continue
-        h = math.log(si / ti)
-        phi = math.expm1(-h)
-        r0 = (hist_l[0] - hist_l[1]) / h
-        d1_0 = (hist_d[0] - hist_d[1]) / r0
-        if o == 2:
-            x = (ti / si) * x - phi * (d + 0.5 * d1_0)
-            continue
-        r1 = (hist_l[1] - hist_l[2]) / h
-        d1_1 = (hist_d[1] - hist_d[2]) / r1
-        d1 = d1_0 + (r0 / (r0 + r1)) * (d1_0 - d1_1)
-        d2 = (d1_0 - d1_1) / (r0 + r1)
-        x = lincomb((ti / si, x), (-phi, d), (phi / h + 1, d1), (-2 * ((phi + h) / h**2 - 0.5), d2))
-    return x
+    both). Warm-up and the step into σ̄ = 0 use lower orders (`base.multistep_order`). This is the η = 0
+    member of the SDE-DPM-Solver++ family, computed by `stochastic.dpmpp_sde` (the same coefficients, as exact
+    exponential-integrator moments of the interpolant)."""
+    return dpmpp_sde(denoiser, x, sigmas, order=order, eta=0.0, solver_type=solver_type,
+                     lower_order_final=lower_order_final, cond=cond, callback=callback, progress=progress)

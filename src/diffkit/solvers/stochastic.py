@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from ..noise import GaussianNoise
-from .base import as_floats, emit, lam, lower_order_final_default, multistep_order, steps
+from .base import as_floats, emit, lam, lincomb, lower_order_final_default, multistep_order, steps
 
 Tensor = torch.Tensor
 
@@ -230,7 +230,7 @@ def dpmpp_sde(denoiser, x, sigmas, *, noise=None, order: int = 2, solver_type: s
     if solver_type not in ("midpoint", "heun"):
         raise ValueError(f"solver_type must be 'midpoint' or 'heun'; got {solver_type!r}")
     eta, s_noise = _nonneg("eta", eta), _nonneg("s_noise", s_noise)
-    cond, noise = cond or {}, _noise(noise, x)
+    cond, noise = cond or {}, (_noise(noise, x) if eta > 0 and s_noise > 0 else None)
     s = as_floats(sigmas)
     n = len(s) - 1
     lof = lower_order_final_default(n) if lower_order_final is None else lower_order_final
@@ -248,18 +248,23 @@ def dpmpp_sde(denoiser, x, sigmas, *, noise=None, order: int = 2, solver_type: s
         h = math.log(si / ti)
         H = (1.0 + eta) * h
         moments = exp_moments(H, 2)
-        x_new = math.exp(-H) * x + moments[0] * d
+        # weights of D_0, D_1, D_2 (one fused multiply-add each): d1_0 = (D_0 - D_1)/r0, d1_1 = (D_1 - D_2)/r1,
+        # d2 = (d1_0 - d1_1)/(r0 + r1), d1 = d1_0 + r0 d2
+        w = [moments[0], 0.0, 0.0]
         if o >= 2:
             r0 = (hist_l[0] - hist_l[1]) / h
-            d1_0 = (hist_d[0] - hist_d[1]) / r0
+            a0 = 1.0 / r0
             if o == 2:
-                x_new = x_new + (0.5 * moments[0] if solver_type == "midpoint" else moments[1]) * d1_0
+                c1 = 0.5 * moments[0] if solver_type == "midpoint" else moments[1]
+                w = [w[0] + c1 * a0, -c1 * a0, 0.0]
             else:
                 r1 = (hist_l[1] - hist_l[2]) / h
-                d1_1 = (hist_d[1] - hist_d[2]) / r1
-                d2 = (d1_0 - d1_1) / (r0 + r1)
-                d1 = d1_0 + r0 * d2
-                x_new = x_new + moments[1] * d1 + moments[2] * d2
+                a1, b = 1.0 / r1, 1.0 / (r0 + r1)
+                d2 = (b * a0, -b * (a0 + a1), b * a1)
+                d1 = (a0 + r0 * d2[0], -a0 + r0 * d2[1], r0 * d2[2])
+                w = [w[0] + moments[1] * d1[0] + moments[2] * d2[0], moments[1] * d1[1] + moments[2] * d2[1],
+                     moments[1] * d1[2] + moments[2] * d2[2]]
+        x_new = lincomb((math.exp(-H), x), *((wk, hist_d[k]) for k, wk in enumerate(w[:o])))
         if eta > 0 and s_noise > 0:
             x_new = x_new + (s_noise * ti * math.sqrt(-math.expm1(-2.0 * eta * h))) * _draw(noise, si, ti, x)
         x = x_new
