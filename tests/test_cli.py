@@ -57,6 +57,7 @@ def test_sample_writes_a_labelled_grid_and_tensors(tmp_path, capsys):
     (["sample", "--class", "10"], "out of range"),
     (["sample", "--class", "-1"], "out of range"),
     (["sample", "--schedule", "nosuch"], "nosuch"),
+    (["sample", "--device", "nosuchdevice"], "unknown device"),
     (["info", "/no/such/checkpoint"], "does not exist"),
     (["bench", "--solvers", "nosuch", "--write", ""], "unknown solver"),
     (["bench", "--nfe", "-5", "--write", ""], "positive"),
@@ -94,7 +95,7 @@ def test_train_is_python_m_diffkit_train(tmp_path, capsys):
 def test_bench_quick_and_its_block(tmp_path, capsys):
     assert main(["bench", "--quick", "--no-progress", "--write", ""]) == 0
     out = capsys.readouterr().out
-    assert "| default (unipc) | 5 |" in out and "precision" in out
+    assert "| default (" in out and "| 5 |" in out and "precision" in out
     md = tmp_path / "B.md"
     md.write_text("# Benchmarks\n\nother text\n")
     write_block(md, "first")

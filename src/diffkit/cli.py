@@ -85,6 +85,7 @@ def _cmd_sample(args) -> int:
 
     if args.solver is not None:
         get_solver(args.solver)  # unknown solver: fail before loading anything
+    _check_device(args.device)
     model, cfg = load_model(args.model, map_location=args.device)
     process = process_from_config(cfg["process"])
     plan(args.solver, process=process, nfe=args.nfe, schedule=args.schedule)  # budget / schedule errors up front
@@ -123,6 +124,19 @@ def _cmd_sample(args) -> int:
     for f in ("grid.png", "samples.npz", "sample.json"):
         print(f"wrote {out / f}")
     return 0
+
+
+def _check_device(device: str) -> None:
+    import torch
+
+    try:
+        dev = torch.device(device)
+    except RuntimeError as e:
+        raise ValueError(f"unknown device {device!r}: {e}") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {device!r} requested but CUDA is not available; use --device cpu")
+    if dev.type == "mps" and not torch.backends.mps.is_available():
+        raise ValueError(f"device {device!r} requested but MPS is not available; use --device cpu")
 
 
 def _shape_from_model(mcfg: dict) -> list[int]:
@@ -307,7 +321,7 @@ def main(argv=None) -> int:
             args.shown = [a for a in args.shown if a not in ("--model", args.model)]
     try:
         return args.func(args)
-    except (ValueError, TypeError, OSError, KeyError, RuntimeError) as e:
+    except (ValueError, TypeError, OSError, KeyError, RuntimeError, ImportError) as e:
         if args.debug:
             raise
         msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
