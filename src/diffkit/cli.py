@@ -32,7 +32,13 @@ class _Parser(argparse.ArgumentParser):
 
 
 class _Help(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
-    pass
+    """Shows defaults, except None/False ones (their help text says what happens)."""
+
+    def _get_help_string(self, action):
+        if action.default is None or action.default is False or "default:" in (action.help or "") \
+                or "(default" in (action.help or ""):
+            return action.help
+        return super()._get_help_string(action)
 
 
 def _sub(sub, name, help, examples, **kw):
