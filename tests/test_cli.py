@@ -89,7 +89,13 @@ def test_train_is_python_m_diffkit_train(tmp_path, capsys):
     assert main(["train", "--preset", "moons", "--steps", "3", "--out", str(tmp_path), "--no-progress"]) == 0
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["step"] == 3 and (tmp_path / "model" / "config.json").exists()
+    capsys.readouterr()
     assert main(["info", str(tmp_path / "model")]) == 0
+    assert main(["info", str(tmp_path)]) == 0                             # a run folder: its exported model
+    ckpt = sorted((tmp_path / "checkpoints").glob("ckpt-*.json"))[-1]
+    assert main(["info", str(ckpt)]) == 0                                 # a training checkpoint
+    out = capsys.readouterr().out
+    assert '"step": 3' in out and "MLP" in out
 
 
 def test_bench_quick_and_its_block(tmp_path, capsys):

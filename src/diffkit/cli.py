@@ -221,12 +221,21 @@ def _cmd_bench(args) -> int:
 
 # ---- info
 def _cmd_info(args) -> int:
-    from .checkpoint import load_model
+    from .checkpoint import latest_checkpoint, load_model
 
-    model, cfg = load_model(args.checkpoint)
+    path = Path(args.checkpoint)
+    if path.is_dir() and not (path / "config.json").exists() and not list(path.glob("ckpt-*.json")):
+        # a training run folder (python -m diffkit.train --out): its exported model, else its newest checkpoint
+        if (path / "model" / "config.json").exists():
+            path = path / "model"
+        elif (path / "checkpoints").is_dir() and latest_checkpoint(path / "checkpoints") is not None:
+            path = latest_checkpoint(path / "checkpoints")
+    model, cfg = load_model(path)
     params = sum(p.numel() for p in model.parameters())
     shown = {k: v for k, v in cfg.items() if k not in ("tensors", "optimizer", "rng")}
-    print(f"{args.checkpoint}: {type(model).__name__}, {params:,} parameters")
+    if path.suffix == ".json" and path.exists():
+        shown = {"step": json.loads(path.read_text()).get("step"), **shown}
+    print(f"{path}: {type(model).__name__}, {params:,} parameters")
     print(json.dumps(shown, indent=1, default=str))
     return 0
 
