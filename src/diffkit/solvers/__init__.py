@@ -134,14 +134,15 @@ def _budget_pc(nfe, end, opts):
 
 
 # Stochastic samplers (solvers/stochastic.py): `sample` hands them a noise sampler (generator / seeds / noise_kind).
+# Default schedules from bench/stochastic.py: log-SNR-uniform grids beat Karras grids for the one-call samplers.
 _REGISTRY.update({
     s.name: s
     for s in [
-        _spec("ddpm", ddpm, schedule="karras", stochastic=True,
+        _spec("ddpm", ddpm, schedule="logsnr", stochastic=True,
               summary="DDPM ancestral sampling (posterior variance; variance='large' for beta)"),
-        _spec("ddim_eta", ddim_eta, schedule="karras", stochastic=True, preset={"eta": 1.0},
+        _spec("ddim_eta", ddim_eta, schedule="logsnr", stochastic=True, preset={"eta": 1.0},
               summary="DDIM with eta (eta=0: DDIM, eta=1: DDPM)"),
-        _spec("euler_ancestral", euler_ancestral, schedule="karras", stochastic=True,
+        _spec("euler_ancestral", euler_ancestral, schedule="logsnr", stochastic=True,
               summary="Euler-ancestral (eta, s_noise)"),
         _spec("edm_sde", edm_sde, _two_calls_per_step, _budget_two, schedule="karras", stochastic=True,
               preset={"s_churn": 40.0, "s_tmin": 0.05, "s_tmax": 50.0, "s_noise": 1.0},
@@ -153,13 +154,13 @@ _REGISTRY.update({
         _spec("dpmpp_3m_sde", dpmpp_sde, stochastic=True, preset={"order": 3, "solver_type": "heun"},
               summary="SDE-DPM-Solver++(3M)"),
         _spec("sa_solver", sa_solver, stochastic=True, summary="SA-Solver: stochastic Adams predictor-corrector"),
-        _spec("euler_maruyama", euler_maruyama, schedule="karras", stochastic=True,
+        _spec("euler_maruyama", euler_maruyama, schedule="logsnr", stochastic=True,
               summary="Euler-Maruyama on the reverse SDE of the process"),
         _spec("pc", pc, _pc_calls, _budget_pc, min_nfe=2, schedule="karras", stochastic=True,
               summary="predictor-corrector: ancestral predictor + Langevin corrector (snr)"),
-        _spec("ts_ddpm", ts_sampler, schedule="karras", stochastic=True, preset={"eta": 1.0},
+        _spec("ts_ddpm", ts_sampler, schedule="logsnr", stochastic=True, preset={"eta": 1.0},
               summary="time-shift sampler (exposure bias) on DDPM steps"),
-        _spec("ts_ddim", ts_sampler, schedule="karras", stochastic=True, preset={"eta": 0.0},
+        _spec("ts_ddim", ts_sampler, schedule="logsnr", stochastic=True, preset={"eta": 0.0},
               summary="time-shift sampler (exposure bias) on DDIM steps"),
     ]
 })
