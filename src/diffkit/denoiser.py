@@ -173,10 +173,11 @@ class Denoiser:
 
     def prepare(self, sigmas) -> None:
         """Compute and cache the scalar coefficients of every positive level of a grid in one batch."""
-        sb = torch.as_tensor(sigmas, dtype=torch.float64).flatten()
-        sb = sb[sb > 0]
-        if len(sb) == 0 or len(sb) + len(self._scalar_cache) > self._CACHE_SIZE:
+        levels = [s for s in torch.as_tensor(sigmas, dtype=torch.float64).flatten().tolist()
+                  if s > 0 and s not in self._scalar_cache]
+        if not levels or len(levels) + len(self._scalar_cache) > self._CACHE_SIZE:
             return
+        sb = torch.tensor(levels, dtype=torch.float64)
         cols = [c.expand(len(sb)).tolist() for c in self._coefficients(sb)]
         for sigma, *c in zip(sb.tolist(), *cols):
             self._scalar_cache[sigma] = tuple(c)
@@ -197,16 +198,19 @@ class Denoiser:
         return sb
 
     def __call__(self, x_bar: Tensor, sigma_bar, **cond) -> Tensor:
-        time_dtype = torch.promote_types(x_bar.dtype, torch.float32)
-        if isinstance(sigma_bar, (float, int)) or (isinstance(sigma_bar, Tensor) and sigma_bar.ndim == 0):
+        if isinstance(sigma_bar, float) or isinstance(sigma_bar, int) or (
+                isinstance(sigma_bar, Tensor) and sigma_bar.ndim == 0):
             scale, t, c_x, c_o = self._scalar(float(sigma_bar))
-            t_batch = torch.full((x_bar.shape[0],), t, dtype=time_dtype, device=x_bar.device)
-            out = self.model(x_bar * scale, t_batch, **cond)
+            t_batch = torch.full((x_bar.shape[0],), t, dtype=torch.promote_types(x_bar.dtype, torch.float32),
+                                 device=x_bar.device)  # fresh each call: a model may modify its inputs
+            out = self.model(x_bar * scale if scale != 1.0 else x_bar, t_batch, **cond)
             self._check_output(out, x_bar)
-            out = out.to(x_bar.dtype)
+            if out.dtype != x_bar.dtype:
+                out = out.to(x_bar.dtype)
             if c_x == 1.0:
                 return torch.add(x_bar, out, alpha=c_o)
             return torch.add(x_bar * c_x, out, alpha=c_o)
+        time_dtype = torch.promote_types(x_bar.dtype, torch.float32)
         scale, t, c_x, c_o = self._coefficients(self._sigma_batch(x_bar, sigma_bar))
         out = self.model(x_bar * _bcast(scale, x_bar), t.to(x_bar.device, time_dtype), **cond)
         self._check_output(out, x_bar)

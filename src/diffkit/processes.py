@@ -22,6 +22,7 @@ need it are done in float64 internally.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable
 
@@ -70,12 +71,14 @@ class Process:
         """d sigma / dt."""
         return _autograd_derivative(self.sigma, t)
 
-    @property
+    @functools.cached_property
     def sigma_bar_min(self) -> float:
+        """σ̄(t_min) (processes are immutable once built: computed once)."""
         return float(self.sigma_bar(torch.tensor(self.t_min, dtype=torch.float64)))
 
-    @property
+    @functools.cached_property
     def sigma_bar_max(self) -> float:
+        """σ̄(t_max)."""
         return float(self.sigma_bar(torch.tensor(self.t_max, dtype=torch.float64)))
 
     def start_scale(self, t: float) -> float:
@@ -85,8 +88,16 @@ class Process:
 
     def noise_to_canonical(self, noise: Tensor, sigma_bar: float) -> Tensor:
         """The canonical start x̄ = start_scale(t) noise / alpha(t) at t = t(σ̄) for standard normal noise."""
-        t = self.t_of_sigma_bar(torch.tensor(float(sigma_bar), dtype=torch.float64))
-        return noise * (self.start_scale(float(t)) / float(self.alpha(t)))
+        return noise * self.canonical_scale(float(sigma_bar))
+
+    def canonical_scale(self, sigma_bar: float) -> float:
+        """start_scale(t) / alpha(t) at t = t(σ̄), cached per level (sampling starts at the same few levels)."""
+        cache = self.__dict__.setdefault("_canonical_scale_cache", {})
+        c = cache.get(sigma_bar)
+        if c is None:
+            t = self.t_of_sigma_bar(torch.tensor(sigma_bar, dtype=torch.float64))
+            c = cache[sigma_bar] = self.start_scale(float(t)) / float(self.alpha(t))
+        return c
 
     # time grids used by the uniform-in-native-time schedules -------------------------------------------
     def uniform_time_warp(self, u: Tensor) -> Tensor:
