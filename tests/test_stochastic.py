@@ -19,11 +19,13 @@ import diffkit
 from diffkit import metrics
 from diffkit.noise import randn
 from diffkit.solvers import get_solver, plan
+from diffkit.solvers.dpm import dpmpp_2s
 from diffkit.solvers.euler import euler
 from diffkit.solvers.stochastic import (
     ancestral_split,
     ddim_eta,
     ddpm,
+    dpmpp_2s_sde,
     dpmpp_sde,
     edm_sde,
     euler_ancestral,
@@ -259,6 +261,58 @@ def test_2m_sde_heun_integrates_a_line_exactly_and_midpoint_does_not():
     assert abs(res["midpoint"] - exact) > 1e-3
 
 
+def test_2s_sde_reduces_to_dpmpp_2s_and_heun_integrates_a_line_exactly(ring):
+    x = 10 * torch.randn(16, 2, generator=torch.Generator().manual_seed(0), dtype=F64)
+    sig = diffkit.get_sigmas("logsnr", 6, sigma_min=0.01, sigma_max=10.0)
+    torch.testing.assert_close(dpmpp_2s_sde(ring.denoise, x, sig, eta=0.0), dpmpp_2s(ring.denoise, x, sig), rtol=0,
+                               atol=1e-12)
+    coef = (0.3, -0.7, 0.0)
+    sig = [5.0, 0.7]
+    den = _quadratic_denoiser(*coef)
+    s = torch.tensor(sig, dtype=F64)
+    for eta in (0.0, 0.6):
+        got = _last_step_increment(lambda cb, e=eta: dpmpp_2s_sde(den, torch.zeros(1, 1, dtype=F64), s, eta=e,
+                                                                 solver_type="heun", s_noise=0.0, callback=cb),
+                                   sig, 1 + eta)
+        assert math.isclose(got, _exact_increment(sig, 1 + eta, coef), rel_tol=1e-12)
+
+
+# one step from x̄ = 0 with D = 0: the output is pure noise, of the variance each sampler's derivation gives
+_S, _T = 2.0, 0.8
+_H = math.log(_S / _T)
+ONE_STEP_VARIANCE = {
+    "ddpm": _T**2 * (1 - (_T / _S) ** 2),
+    "ddim_eta": (0.5 * _T) ** 2 * (1 - (_T / _S) ** 2),
+    "euler_ancestral": 1.1**2 * _T**2 * (1 - (_T / _S) ** 2),
+    "dpmpp_sde": _T**2 * -math.expm1(-2 * 0.7 * _H),
+    "dpmpp_2s_sde": _T**2 * -math.expm1(-2 * 0.7 * _H),
+    "sa_solver": _T**2 * -math.expm1(-2 * 0.49 * _H),
+    "euler_maruyama": 2 * _S * (_S - _T),
+    "edm_sde": 2 * _S**2 - _S**2,  # churn only: one step, γ = min(S_churn/1, √2 - 1), σ̂ = √2 σ̄, noise σ̂² - σ̄²
+}
+ONE_STEP_OPTIONS = {"ddim_eta": {"eta": 0.5}, "euler_ancestral": {"s_noise": 1.1}, "dpmpp_sde": {"eta": 0.7},
+                    "dpmpp_2s_sde": {"eta": 0.7}, "sa_solver": {"tau": 0.7}, "euler_maruyama": {"time": "sigma"},
+                    "edm_sde": {"s_churn": 5.0}}
+_FNS = {"ddpm": ddpm, "ddim_eta": ddim_eta, "euler_ancestral": euler_ancestral, "dpmpp_sde": dpmpp_sde,
+        "dpmpp_2s_sde": dpmpp_2s_sde, "sa_solver": sa_solver, "euler_maruyama": euler_maruyama, "edm_sde": edm_sde}
+
+
+@pytest.mark.parametrize("name", sorted(ONE_STEP_VARIANCE))
+def test_one_step_noise_variance(name):
+    """The injected noise of one step, alone: a missing square root or a wrong exponent changes it by far more
+    than the 3% tolerance (20000 samples: relative standard error 1%)."""
+    n = 20000
+    x = torch.zeros(n, 1, dtype=F64)
+    sig = torch.tensor([_S, _T], dtype=F64)
+    opts = ONE_STEP_OPTIONS.get(name, {})
+    out = _FNS[name](lambda y, s: torch.zeros_like(y), x, sig, noise=Replay(0, x.shape), **opts)
+    var = float(out.var())
+    want = ONE_STEP_VARIANCE[name]
+    if name == "edm_sde":  # the churned state goes through a Heun step of dx̄/dσ̄ = x̄/σ̄ with D = 0: x̄ scales by σ̄'/σ̂
+        want *= (_T / (_S * (2**0.5))) ** 2
+    assert abs(var / want - 1) < 0.03, (name, var, want)
+
+
 def test_sa_solver_predictor_and_corrector_are_exact_for_polynomials():
     """Predictor of order 3 is exact for a quadratic D; the corrector (order 3, including the new point) too."""
     coef = (0.2, 0.5, -0.3)
@@ -279,7 +333,8 @@ def test_sa_solver_predictor_and_corrector_are_exact_for_polynomials():
 N_DIST = 4000
 # steps per sampler: enough for its discretization error to fall well below the tolerances
 DIST_STEPS = {"ddpm": 200, "ddim_eta": 200, "euler_ancestral": 200, "edm_sde": 60, "dpmpp_2m_sde": 60,
-              "dpmpp_2m_sde_heun": 60, "dpmpp_3m_sde": 60, "sa_solver": 60, "euler_maruyama": 150, "pc": 80}
+              "dpmpp_2m_sde_heun": 60, "dpmpp_3m_sde": 60, "dpmpp_2s_sde": 30, "dpmpp_2s_sde_heun": 30,
+              "sa_solver": 60, "euler_maruyama": 150, "pc": 80}
 # exact samples of this size give weight errors ~0.01, mean errors ~0.04, covariance errors ~0.06-0.09;
 # a noise scale off by 15% (s_noise = 1.15 or 0.85) gives covariance errors above 0.2
 TOL = {"mode_weight_error": 0.03, "mean_error": 0.1, "cov_error": 0.16}
@@ -428,7 +483,8 @@ def test_generator_makes_runs_reproducible_and_deterministic_solvers_ignore_it(r
 
 
 @pytest.mark.parametrize("name,options", [("euler_ancestral", {}), ("dpmpp_2m_sde", {}), ("dpmpp_3m_sde", {}),
-                                          ("sa_solver", {}), ("euler_maruyama", {}), ("edm_sde", {"s_churn": 4.0})])
+                                          ("sa_solver", {}), ("euler_maruyama", {}), ("edm_sde", {"s_churn": 4.0}),
+                                          ("dpmpp_2s_sde", {})])
 def test_brownian_noise_converges_as_steps_grow(name, options):
     mix = mixture()
     den = mix.denoiser(diffkit.EDM(0.002, 80.0, 0.5), "edm")
@@ -466,7 +522,8 @@ def test_callback_sees_every_step(ring):
     seen = []
     sig = diffkit.get_sigmas("karras", 7, sigma_min=0.01, sigma_max=10.0)
     x = 10 * torch.randn(4, 2, generator=torch.Generator().manual_seed(0), dtype=F64)
-    for fn in (ddpm, ddim_eta, euler_ancestral, edm_sde, dpmpp_sde, sa_solver, euler_maruyama, pc, ts_sampler):
+    for fn in (ddpm, ddim_eta, euler_ancestral, edm_sde, dpmpp_sde, dpmpp_2s_sde, sa_solver, euler_maruyama, pc,
+               ts_sampler):
         seen.clear()
         fn(ring.denoise, x, sig, callback=lambda info: seen.append(info["i"]))
         assert seen == list(range(7)), fn.__name__
@@ -483,6 +540,9 @@ def test_callback_sees_every_step(ring):
     (dpmpp_sde, {"eta": float("nan")}, "eta"),
     (dpmpp_sde, {"order": 4}, "order"),
     (dpmpp_sde, {"solver_type": "rk4"}, "solver_type"),
+    (dpmpp_2s_sde, {"eta": -1.0}, "eta"),
+    (dpmpp_2s_sde, {"r": 1.0}, "r must"),
+    (dpmpp_2s_sde, {"solver_type": "rk"}, "solver_type"),
     (edm_sde, {"s_churn": -1.0}, "s_churn"),
     (edm_sde, {"s_noise": -0.1}, "s_noise"),
     (edm_sde, {"s_tmin": 5.0, "s_tmax": 1.0}, "s_tmin"),

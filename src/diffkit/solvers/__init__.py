@@ -21,7 +21,18 @@ from .adaptive import dpm_adaptive
 from .dpm import dpm_solver, dpmpp_2s, dpmpp_multistep, singlestep_orders
 from .euler import euler, heun
 from .multistep import deis, ipndm, lms, pndm
-from .stochastic import ddim_eta, ddpm, dpmpp_sde, edm_sde, euler_ancestral, euler_maruyama, pc, sa_solver, ts_sampler
+from .stochastic import (
+    ddim_eta,
+    ddpm,
+    dpmpp_2s_sde,
+    dpmpp_sde,
+    edm_sde,
+    euler_ancestral,
+    euler_maruyama,
+    pc,
+    sa_solver,
+    ts_sampler,
+)
 from .unipc import unipc
 
 Tensor = torch.Tensor
@@ -153,6 +164,10 @@ _REGISTRY.update({
               summary="SDE-DPM-Solver++(2M), Heun (exact linear term)"),
         _spec("dpmpp_3m_sde", dpmpp_sde, stochastic=True, preset={"order": 3, "solver_type": "heun"},
               summary="SDE-DPM-Solver++(3M)"),
+        _spec("dpmpp_2s_sde", dpmpp_2s_sde, _two_calls_per_step, _budget_two, stochastic=True,
+              summary="singlestep SDE-DPM-Solver++(2S), midpoint, two calls per step"),
+        _spec("dpmpp_2s_sde_heun", dpmpp_2s_sde, _two_calls_per_step, _budget_two, stochastic=True,
+              preset={"solver_type": "heun"}, summary="singlestep SDE-DPM-Solver++(2S), Heun (exact linear term)"),
         _spec("sa_solver", sa_solver, stochastic=True, summary="SA-Solver: stochastic Adams predictor-corrector"),
         _spec("euler_maruyama", euler_maruyama, schedule="logsnr", stochastic=True,
               summary="Euler-Maruyama on the reverse SDE of the process"),
