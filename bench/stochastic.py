@@ -483,7 +483,7 @@ def plot(summary, keys, nfes, path: Path):
                 vals = [summary[(key, cfg, nfe)]["mean"] for nfe in nfes if (key, cfg, nfe) in summary]
                 if len(vals) < len(nfes) or not all(math.isfinite(v) for v in vals):
                     return math.inf
-                return sum(math.log10(max(v, 1e-7)) for v in vals)
+                return sum(math.log10(max(v, 1e-5)) for v in vals)
 
             if not cfgs:
                 continue
@@ -493,13 +493,14 @@ def plot(summary, keys, nfes, path: Path):
             if not pts:
                 continue
             xs = [p[0] for p in pts]
-            ys = [max(p[1]["mean"], 1e-7) for p in pts]
+            ys = [p[1]["mean"] for p in pts]
             es = [p[1]["ci"] if math.isfinite(p[1]["ci"]) else 0 for p in pts]
             ax.errorbar(xs, ys, yerr=es, color=color, marker="o", capsize=3, label=f"{gname}: {top}")
         ax.set_xscale("log")
-        ax.set_yscale("log")
+        ax.set_yscale("symlog", linthresh=5e-4)  # linear within the seed noise around 0, log above
+        ax.axhline(0.0, color="k", lw=0.6)
         ax.set_xlabel("NFE (model calls)")
-        ax.set_ylabel("MMD² to the mixture (mean ± 95% CI)")
+        ax.set_ylabel("MMD² to the mixture (mean ± 95% CI; symlog)")
         ax.set_title(key)
         ax.legend(fontsize=6)
         ax.grid(alpha=0.3, which="both")
@@ -546,6 +547,25 @@ def markdown(meta, summary, sec, tg, lik, keys, nfes, fig_rel) -> str:
              f"{overall}** ({n_pass}/{n_all} testbed × NFE cells). PASS in a cell means the paired (by seed) mean "
              "difference diffkit − anchor is ≤ 0 or below the half-width of its 95% interval (not significantly "
              "worse). The best configuration on each side is chosen on the same seeds it is scored on.\n")
+    L.append("Cross-check with a metric the kernel's bandwidths cannot hide (informational, not a target): the "
+             "smallest whitened covariance error ||Σ_k^{-1/2} Σ̂_k Σ_k^{-1/2} - I||_F (w-weighted, mean over seeds) "
+             "among diffkit's stochastic configurations and among the anchors. MMD² with these bandwidths saturates at "
+             "NFE ≥ 50 (most configurations are within noise of 0); this metric still separates them. Its floor on "
+             "the VP testbeds comes from σ̄_min = 0.029 (one denoising step to 0 from there) against component "
+             "standard deviations of 0.02-0.06.\n")
+    L.append("| testbed | NFE | diffkit stochastic | anchor | diffkit deterministic |")
+    L.append("|---|---|---|---|---|")
+    cov = sec["cov"]
+    for key in keys:
+        for nfe in nfes:
+            cells = []
+            for pred in (lambda v: v["library"] == "diffkit" and v["kind"] == "stochastic",
+                         lambda v: v["library"] != "diffkit",
+                         lambda v: v["library"] == "diffkit" and v["kind"] == "deterministic"):
+                b = best(cov, key, nfe, pred)
+                cells.append("n/a" if b is None else f"{b[0]:.3f} `{b[1]}`")
+            L.append(f"| {key} | {nfe} | " + " | ".join(cells) + " |")
+    L.append("")
     lp = all(r["pass"] for r in lik)
     L.append(f"**Target 2 (likelihood within 0.01 nats/dim of the exact log-density): {'PASS' if lp else 'FAIL'}**\n")
     L.append("| testbed | dim | points | σ̄_min | max error (nats/dim) | mean error | mean error vs log p₀ (σ̄=0) "
@@ -613,12 +633,33 @@ def write_section(path: Path, body: str):
     path.write_text(text)
 
 
+def render(res_path: Path, md: str | None):
+    """Markdown and figure from a saved results JSON (no sampling)."""
+    data = json.loads(res_path.read_text())
+    meta, records, lik = data["meta"], data["records"], data["likelihood"]
+    keys = list(data["testbeds"])
+    for k in keys:
+        _BEDS[k] = make_bed(k)
+    nfes = tuple(meta["nfes"])
+    summary = summarize(records)
+    sec = {m: summarize(records, m) for m in ("weight", "cov", "xent")}
+    tg = targets(summary, keys, nfes)
+    suffix = "_quick" if meta["quick"] else ""
+    fig_path = HERE / "figures" / f"stochastic_mmd_vs_nfe{suffix}.png"
+    plot(summary, keys, nfes, fig_path)
+    text = markdown(meta, summary, sec, tg, lik, keys, nfes, f"bench/figures/{fig_path.name}")
+    write_section(Path(md) if md else ROOT / "BENCHMARKS.md", text)
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--jobs", type=int, default=2)
     ap.add_argument("--md", default=None, help="markdown file to update (default BENCHMARKS.md; none with --quick)")
+    ap.add_argument("--render", default=None, help="only re-render markdown and figure from a results JSON")
     args = ap.parse_args()
+    if args.render:
+        return render(Path(args.render), args.md)
     quick = args.quick
     t_start = time.perf_counter()
     keys = list(TESTBEDS)
