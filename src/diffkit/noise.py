@@ -36,8 +36,9 @@ _STREAM_START, _STREAM_STEPS, _STREAM_BROWNIAN = 0, 1, 2
 
 
 def derive_seed(seed: int, stream: int) -> int:
-    """A 63-bit seed for stream `stream` of user seed `seed` (NumPy SeedSequence hashing, so nearby seeds and
-    streams give unrelated generators)."""
+    """A 63-bit seed for stream `stream` of user seed `seed`, hashed by NumPy's SeedSequence (the entropy mixing of
+    "PCG: A Family of Simple Fast Space-Efficient Statistically Good Algorithms for Random Number Generation",
+    O'Neill 2014, as NumPy implements it), so nearby seeds and streams give unrelated generators."""
     if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
         raise TypeError(f"seeds must be integers; got {seed!r}")
     state = np.random.SeedSequence([int(seed) % 2**63, int(stream)]).generate_state(2, dtype=np.uint32)
@@ -169,8 +170,9 @@ class BrownianTreeNoise:
 def make_noise_sampler(kind: str | NoiseSampler | None, x: Tensor, sigmas, *,
                        generator: torch.Generator | Sequence[torch.Generator] | None = None,
                        seeds: Sequence[int] | None = None) -> NoiseSampler:
-    """The noise sampler `diffkit.sample` hands to a stochastic solver: `kind` 'gaussian' (default) or 'brownian'
-    (a Brownian tree over [0, 2 σ̄_max], room for EDM's churn above the grid), or a ready callable."""
+    """The noise sampler `diffkit.sample` hands to a stochastic solver: `kind` 'gaussian' (default; independent
+    draws, Ho et al. 2020, Alg. 2) or 'brownian' (a Brownian tree over [0, 2 σ̄_max], "Scalable Gradients for
+    Stochastic Differential Equations", Li et al. 2020, Sec. 4), or a ready callable noise(sigma, sigma_next)."""
     if callable(kind):
         if generator is not None or seeds is not None:
             raise ValueError("a ready noise sampler carries its own randomness; do not also give generator or "
