@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 
 from .base import as_floats, emit, eps_of, steps
-from .stochastic import dpmpp_sde
+from .stochastic import dpmpp_2s_sde, dpmpp_sde
 
 
 def singlestep_orders(nfe: int, order: int) -> list[int]:
@@ -81,22 +81,9 @@ def dpm_solver_step(eps, x, e_s, si: float, ti: float, order: int, with_lower: b
 
 def dpmpp_2s(denoiser, x, sigmas, *, r: float = 0.5, cond=None, callback=None, progress=False):
     """DPM-Solver++(2S) ("DPM-Solver++", Lu et al. 2022, Alg. 1), singlestep data form:
-    u = (σ̄_{s1}/σ̄_s) x̄ - (e^{-r h} - 1) D_s;  x̄_t = (σ̄_t/σ̄_s) x̄ - (e^{-h} - 1)((1 - 1/(2r)) D_s + D(u)/(2r))."""
-    cond = cond or {}
-    s = as_floats(sigmas)
-    for i in steps(len(s) - 1, progress):
-        si, ti = s[i], s[i + 1]
-        d = denoiser(x, si, **cond)
-        emit(callback, i, x, si, ti, d)
-        if ti == 0:
-            x = d
-            continue
-        h = math.log(si / ti)
-        s1 = si * math.exp(-r * h)
-        u = (s1 / si) * x - math.expm1(-r * h) * d
-        d_u = denoiser(u, s1, **cond)
-        x = (ti / si) * x - math.expm1(-h) * ((1 - 1 / (2 * r)) * d + d_u / (2 * r))
-    return x
+    u = (σ̄_{s1}/σ̄_s) x̄ - (e^{-r h} - 1) D_s;  x̄_t = (σ̄_t/σ̄_s) x̄ - (e^{-h} - 1)((1 - 1/(2r)) D_s + D(u)/(2r)).
+    The η = 0 member of `stochastic.dpmpp_2s_sde` (midpoint form), which computes it. Two calls per step."""
+    return dpmpp_2s_sde(denoiser, x, sigmas, eta=0.0, r=r, cond=cond, callback=callback, progress=progress)
 
 
 def dpmpp_multistep(denoiser, x, sigmas, *, order: int = 2, lower_order_final: bool | None = None,
