@@ -38,6 +38,8 @@ import numpy as np
 import torch
 from scipy.integrate import solve_ivp
 
+from .schedules import sigma_range
+
 Tensor = torch.Tensor
 
 __all__ = ["likelihood", "bits_per_dim", "gaussian_prior", "tweedie_prior", "tweedie_cov_prior", "DIVERGENCES",
@@ -150,13 +152,7 @@ def likelihood(denoiser, x: Tensor, *, sigma_min: float | None = None, sigma_max
     if not torch.isfinite(x).all():
         raise ValueError("x contains non-finite values")
     process = getattr(denoiser, "process", None)
-    lo = sigma_min if sigma_min is not None else (process.sigma_bar_min if process is not None else None)
-    hi = sigma_max if sigma_max is not None else (process.sigma_bar_max if process is not None else None)
-    if lo is None or hi is None:
-        raise ValueError("a denoiser without a process needs sigma_min and sigma_max")
-    lo, hi = float(lo), float(hi)
-    if not (0 < lo < hi < math.inf):
-        raise ValueError(f"need 0 < sigma_min < sigma_max < inf; got {lo}, {hi}")
+    lo, hi = sigma_range(process, sigma_min, sigma_max)
     n, shape, d = x.shape[0], tuple(x.shape), x[0].numel()
     if divergence == "auto":
         divergence = "exact" if d <= 64 else "hutchinson"

@@ -34,7 +34,7 @@ Tensor = torch.Tensor
 ENDS = ("zero", "sigma_min", "replace")
 
 __all__ = ["get_sigmas", "schedules", "validate_sigmas", "karras", "exponential", "polyexponential",
-           "loglinear_interp", "ENDS"]
+           "loglinear_interp", "ENDS", "sigma_range"]
 
 
 # -- σ̄-space families: m levels spanning [sigma_min, sigma_max] ---------------------------------------------
@@ -164,13 +164,13 @@ def get_sigmas(name: str, steps: int, *, process: Process | None = None, sigma_m
         body = loglinear_interp(kwargs.pop("sigmas"), m)
         _no_extra(name, kwargs)
     else:
-        lo, hi = _sigma_range(process, sigma_min, sigma_max)
+        lo, hi = sigma_range(process, sigma_min, sigma_max)
         body = _SIGMA_FAMILIES[name](m, lo, hi, **_pop_known(kwargs, ("rho",)))
         _no_extra(name, kwargs)
     if end == "replace":
         body = torch.cat([body[:-1], body.new_zeros(1)])
     elif end == "zero" or (name in _TIME_DIFFUSERS and end == "sigma_min"):
-        tail = 0.0 if end == "zero" else float(_sigma_range(process, sigma_min, sigma_max)[0])
+        tail = 0.0 if end == "zero" else float(sigma_range(process, sigma_min, sigma_max)[0])
         body = torch.cat([body, body.new_tensor([tail])])
     return validate_sigmas(body)
 
@@ -184,7 +184,8 @@ def _no_extra(name: str, kwargs: dict):
         raise TypeError(f"schedule {name!r} got unexpected options: {', '.join(sorted(kwargs))}")
 
 
-def _sigma_range(process, sigma_min, sigma_max) -> tuple[float, float]:
+def sigma_range(process, sigma_min=None, sigma_max=None) -> tuple[float, float]:
+    """(σ̄_min, σ̄_max): the explicit values where given, else the process's; checked 0 < min < max < inf."""
     lo = sigma_min if sigma_min is not None else (process.sigma_bar_min if process is not None else None)
     hi = sigma_max if sigma_max is not None else (process.sigma_bar_max if process is not None else None)
     if lo is None or hi is None:
