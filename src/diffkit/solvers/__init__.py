@@ -18,6 +18,7 @@ import torch
 from ..noise import make_noise_sampler
 from ..schedules import ENDS, get_sigmas, validate_sigmas
 from .adaptive import dpm_adaptive
+from .base import CallCounter
 from .dpm import dpm_solver, dpmpp_2s, dpmpp_multistep, singlestep_orders
 from .euler import euler, heun
 from .multistep import deis, ipndm, lms, pndm
@@ -280,18 +281,6 @@ def plan(solver: str | None = None, *, process=None, nfe: int | None = None, ste
     return spec, sigmas, options, calls
 
 
-class _CallCounter:
-    """Counts model calls (a call with a batch counts once)."""
-
-    def __init__(self, denoiser):
-        self.denoiser, self.calls = denoiser, 0
-        self.process = getattr(denoiser, "process", None)
-
-    def __call__(self, x, sigma, **cond):
-        self.calls += 1
-        return self.denoiser(x, sigma, **cond)
-
-
 def sample(denoiser, noise: Tensor, *, solver: str | None = None, nfe: int | None = None,
            steps: int | None = None, schedule: str | Sequence[float] | Tensor | None = None,
            end: str | None = None, options: dict | None = None, schedule_options: dict | None = None,
@@ -333,7 +322,7 @@ def sample(denoiser, noise: Tensor, *, solver: str | None = None, nfe: int | Non
     x = noise * s0 if process is None else process.noise_to_canonical(noise, s0).to(noise.dtype)
     if hasattr(denoiser, "prepare"):
         denoiser.prepare(sigmas)
-    counter = _CallCounter(denoiser)
+    counter = CallCounter(denoiser)
     info: dict = {}
     kwargs = dict(cond=cond, callback=callback, progress=progress, **options)
     if spec.stochastic:

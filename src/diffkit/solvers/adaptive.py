@@ -6,7 +6,7 @@ import math
 
 import torch
 
-from .base import as_floats, emit, eps_of
+from .base import CallCounter, as_floats, emit, eps_of, evaluate
 from .dpm import dpm_solver_step, dpmpp_multistep
 
 
@@ -38,22 +38,18 @@ def dpm_adaptive(denoiser, x, sigmas, *, rtol: float = 0.05, atol: float = 0.007
     s_end = s[-2] if to_zero else s[-1]
     reserve = 1 if to_zero else 0
     budget = math.inf if max_nfe is None else max_nfe
-    nfe = 0
-
-    def counted(y, sig, **kw):
-        nonlocal nfe
-        nfe += 1
-        return denoiser(y, sig, **kw)
+    counted = CallCounter(denoiser)
 
     def eps(y, sig):
-        return eps_of(y, counted(y, sig, **cond), sig)
+        y, d = evaluate(counted, y, sig, cond)
+        return eps_of(y, d, sig)
 
     lam_s, lam_end = -math.log(s[0]), -math.log(s_end)
     sig_s, h = s[0], h_init
     e_s, x_prev, i = None, vp_scale(s[0]) * x, 0
     while lam_end - lam_s > 1e-5:
         cost = 3 if e_s is None else 2
-        left = budget - nfe - reserve
+        left = budget - counted.calls - reserve
         last = lam_s + min(h, lam_end - lam_s) >= lam_end - 1e-5
         if left < cost + (0 if last else 2):  # the budget ends the adaptivity: the rest in `left` 2M steps
             if left >= 1:
@@ -74,9 +70,9 @@ def dpm_adaptive(denoiser, x, sigmas, *, rtol: float = 0.05, atol: float = 0.007
             x, x_prev, sig_s, lam_s, e_s, i = x_hi, c * x_lo, sig_t, lam_s + h, None, i + 1
         h = min(theta * h * max(err, 1e-10) ** (-1 / 3), lam_end - lam_s)
     if to_zero:
-        d = counted(x, sig_s, **cond)
+        x, d = evaluate(counted, x, sig_s, cond)
         emit(callback, i, x, sig_s, 0.0, d)
         x = d
     if info is not None:
-        info["nfe"] = nfe
+        info["nfe"] = counted.calls
     return x

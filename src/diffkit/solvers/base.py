@@ -50,6 +50,35 @@ def eps_of(x: Tensor, denoised: Tensor, sigma: float) -> Tensor:
     return (x - denoised) / sigma
 
 
+def evaluate(denoiser, x: Tensor, sigma, cond: dict) -> tuple[Tensor, Tensor]:
+    """One model call: D(x̄, σ̄) and the state the solver continues from. Every solver evaluates its denoiser
+    through this function. A plain denoiser leaves x̄ as it is; a denoiser with a method
+    `denoise_at(x, sigma, **cond) -> (x', D)` may move the state: CFG++ (Chung et al. 2024, Eq. 11) re-anchors
+    x̄ at D_guided + σ̄ ε̂_uncond, which in every solver turns the step x̄' = D + σ̄' ε̂ into the CFG++ update
+    D_guided + σ̄' ε̂_uncond. This is the whole solver/guidance contract: no solver knows about guidance."""
+    denoise_at = getattr(denoiser, "denoise_at", None)
+    if denoise_at is None:
+        return x, denoiser(x, sigma, **cond)
+    return denoise_at(x, sigma, **cond)
+
+
+class CallCounter:
+    """A denoiser that counts model calls (a call with a batch counts once) and keeps the `evaluate` contract
+    of the denoiser it wraps."""
+
+    def __init__(self, denoiser):
+        self.denoiser, self.calls = denoiser, 0
+        self.process = getattr(denoiser, "process", None)
+
+    def __call__(self, x, sigma, **cond):
+        self.calls += 1
+        return self.denoiser(x, sigma, **cond)
+
+    def denoise_at(self, x, sigma, **cond):
+        self.calls += 1
+        return evaluate(self.denoiser, x, sigma, cond)
+
+
 def emit(callback: Callable | None, i: int, x: Tensor, sigma: float, sigma_next: float, denoised: Tensor):
     """Report solver state to a user callback as a dict (k-diffusion's convention)."""
     if callback is not None:

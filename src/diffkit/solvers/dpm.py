@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 
-from .base import as_floats, emit, eps_of, steps
+from .base import as_floats, emit, eps_of, evaluate, steps
 from .stochastic import dpmpp_2s_sde, dpmpp_sde
 
 
@@ -43,11 +43,12 @@ def dpm_solver(denoiser, x, sigmas, *, order: int = 3, orders=None, cond=None, c
         raise ValueError(f"orders must give 1, 2 or 3 for each of the {n} steps; got {orders}")
 
     def eps(y, sig):
-        return eps_of(y, denoiser(y, sig, **cond), sig)
+        y, d = evaluate(denoiser, y, sig, cond)
+        return eps_of(y, d, sig)
 
     for i in steps(n, progress):
         si, ti = s[i], s[i + 1]
-        d = denoiser(x, si, **cond)
+        x, d = evaluate(denoiser, x, si, cond)
         emit(callback, i, x, si, ti, d)
         x = dpm_solver_step(eps, x, eps_of(x, d, si), si, ti, 1 if ti == 0 else orders[i])
     return x

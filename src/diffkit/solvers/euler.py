@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from .base import as_floats, emit, eps_of, steps
+from .base import as_floats, emit, eps_of, evaluate, steps
 
 
 def euler(denoiser, x, sigmas, *, cond=None, callback=None, progress=False):
@@ -13,7 +13,7 @@ def euler(denoiser, x, sigmas, *, cond=None, callback=None, progress=False):
     cond = cond or {}
     s = as_floats(sigmas)
     for i in steps(len(s) - 1, progress):
-        d = denoiser(x, s[i], **cond)
+        x, d = evaluate(denoiser, x, s[i], cond)
         emit(callback, i, x, s[i], s[i + 1], d)
         x = torch.lerp(d, x, s[i + 1] / s[i])  # = D + (σ̄'/σ̄)(x̄ - D)
     return x
@@ -26,13 +26,14 @@ def heun(denoiser, x, sigmas, *, cond=None, callback=None, progress=False):
     cond = cond or {}
     s = as_floats(sigmas)
     for i in steps(len(s) - 1, progress):
-        d = denoiser(x, s[i], **cond)
+        x, d = evaluate(denoiser, x, s[i], cond)
         emit(callback, i, x, s[i], s[i + 1], d)
         e = eps_of(x, d, s[i])
         x_euler = x + (s[i + 1] - s[i]) * e
         if s[i + 1] == 0:
             x = x_euler
         else:
-            e2 = eps_of(x_euler, denoiser(x_euler, s[i + 1], **cond), s[i + 1])
+            x_euler, d2 = evaluate(denoiser, x_euler, s[i + 1], cond)
+            e2 = eps_of(x_euler, d2, s[i + 1])
             x = x + (s[i + 1] - s[i]) * 0.5 * (e + e2)
     return x

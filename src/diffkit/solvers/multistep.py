@@ -21,7 +21,7 @@ import math
 import numpy as np
 import torch
 
-from .base import as_floats, emit, eps_of, multistep_order, steps
+from .base import as_floats, emit, eps_of, evaluate, multistep_order, steps
 
 _GL_X, _GL_W = np.polynomial.legendre.leggauss(16)
 COORDINATES = ("sigma", "t", "log_sigma", "index")
@@ -82,7 +82,7 @@ def adams_bashforth(denoiser, x, sigmas, *, order: int = 3, coordinate: str = "t
     hist_e, hist_v = [], []
     for i in steps(n, progress):
         si, ti = s[i], s[i + 1]
-        d = denoiser(x, si, **cond)
+        x, d = evaluate(denoiser, x, si, cond)
         emit(callback, i, x, si, ti, d)
         e = eps_of(x, d, si)
         hist_e.insert(0, e)
@@ -111,7 +111,8 @@ def _prk_step(denoiser, x, si, ti, e1, cond):
     mid = math.sqrt(si * ti)
 
     def eps(y, sig):
-        return eps_of(y, denoiser(y, sig, **cond), sig)
+        y, d = evaluate(denoiser, y, sig, cond)
+        return eps_of(y, d, sig)
 
     e2 = eps(x - (si - mid) * e1, mid)
     e3 = eps(x - (si - mid) * e2, mid)

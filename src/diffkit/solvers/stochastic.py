@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from ..noise import GaussianNoise
-from .base import as_floats, emit, lam, lincomb, lower_order_final_default, multistep_order, steps
+from .base import as_floats, emit, evaluate, lam, lincomb, lower_order_final_default, multistep_order, steps
 
 Tensor = torch.Tensor
 
@@ -134,7 +134,7 @@ def ddpm(denoiser, x, sigmas, *, noise=None, variance: str = "small", cond=None,
     s = as_floats(sigmas)
     for i in steps(len(s) - 1, progress):
         si, ti = s[i], s[i + 1]
-        d = denoiser(x, si, **cond)
+        x, d = evaluate(denoiser, x, si, cond)
         emit(callback, i, x, si, ti, d)
         if ti == 0:
             x = d
@@ -152,7 +152,7 @@ def _ancestral(denoiser, x, sigmas, noise, eta, s_noise, cond, callback, progres
     s = as_floats(sigmas)
     for i in steps(len(s) - 1, progress):
         si, ti = s[i], s[i + 1]
-        d = denoiser(x, si, **cond)
+        x, d = evaluate(denoiser, x, si, cond)
         emit(callback, i, x, si, ti, d)
         down, up = ancestral_split(si, ti, eta)
         x = torch.lerp(d, x, down / si)  # = D + σ_down ε̂
@@ -201,12 +201,13 @@ def edm_sde(denoiser, x, sigmas, *, noise=None, s_churn: float = 0.0, s_tmin: fl
         if gamma > 0:
             # the draw belongs to this step's interval [σ̄_{i+1}, σ̄_i]: with Brownian noise, disjoint across steps
             x = x + (s_noise * math.sqrt(s_hat**2 - si**2)) * _draw(noise, si, ti, x)
-        d = denoiser(x, s_hat, **cond)
+        x, d = evaluate(denoiser, x, s_hat, cond)
         emit(callback, i, x, s_hat, ti, d)
         e = (x - d) / s_hat
         x_next = x + (ti - s_hat) * e
         if ti > 0:
-            e2 = (x_next - denoiser(x_next, ti, **cond)) / ti
+            x_next, d2 = evaluate(denoiser, x_next, ti, cond)
+            e2 = (x_next - d2) / ti
             x_next = x + (ti - s_hat) * 0.5 * (e + e2)
         x = x_next
     return x
@@ -237,7 +238,7 @@ def dpmpp_sde(denoiser, x, sigmas, *, noise=None, order: int = 2, solver_type: s
     hist_d, hist_l = [], []
     for i in steps(n, progress):
         si, ti = s[i], s[i + 1]
-        d = denoiser(x, si, **cond)
+        x, d = evaluate(denoiser, x, si, cond)
         emit(callback, i, x, si, ti, d)
         hist_d.insert(0, d), hist_l.insert(0, lam(si))
         del hist_d[3:], hist_l[3:]
@@ -291,7 +292,7 @@ def dpmpp_2s_sde(denoiser, x, sigmas, *, noise=None, eta: float = 1.0, r: float 
     kappa = 1.0 + eta
     for i in steps(len(s) - 1, progress):
         si, ti = s[i], s[i + 1]
-        d = denoiser(x, si, **cond)
+        x, d = evaluate(denoiser, x, si, cond)
         emit(callback, i, x, si, ti, d)
         if ti == 0:
             x = d
@@ -305,7 +306,7 @@ def dpmpp_2s_sde(denoiser, x, sigmas, *, noise=None, eta: float = 1.0, r: float 
             u = u + n1
             x_new = x_new + math.exp(-kappa * (1 - r) * h) * n1
             x_new = x_new + (s_noise * ti * math.sqrt(-math.expm1(-2 * eta * (1 - r) * h))) * _draw(noise, su, ti, x)
-        d_u = denoiser(u, su, **cond)
+        u, d_u = evaluate(denoiser, u, su, cond)
         m = exp_moments(kappa * h, 1)
         c = 0.5 * m[0] if solver_type == "midpoint" else m[1]
         x = x_new + (c / r) * (d_u - d)
@@ -343,7 +344,7 @@ def sa_solver(denoiser, x, sigmas, *, noise=None, predictor_order: int = 3, corr
     n = len(s) - 1
     lof = lower_order_final_default(n) if lower_order_final is None else lower_order_final
     hist_d, hist_l = [], []
-    d = denoiser(x, s[0], **cond)
+    x, d = evaluate(denoiser, x, s[0], cond)
     keep = max(predictor_order, corrector_order)
     for i in steps(n, progress):
         si, ti = s[i], s[i + 1]
@@ -368,7 +369,7 @@ def sa_solver(denoiser, x, sigmas, *, noise=None, predictor_order: int = 3, corr
         if i + 1 == n:  # last step into a positive level: predictor only (no call to spend on a corrector)
             x = x_pred
             continue
-        d = denoiser(x_pred, ti, **cond)
+        x_pred, d = evaluate(denoiser, x_pred, ti, cond)
         if not use_corrector:
             x = x_pred
             continue
@@ -411,7 +412,7 @@ def euler_maruyama(denoiser, x, sigmas, *, noise=None, time: str | None = None, 
     s = as_floats(sigmas)
     for i in steps(len(s) - 1, progress):
         si, ti = s[i], s[i + 1]
-        d = denoiser(x, si, **cond)
+        x, d = evaluate(denoiser, x, si, cond)
         emit(callback, i, x, si, ti, d)
         if ti == 0:
             x = d
@@ -461,7 +462,7 @@ def pc(denoiser, x, sigmas, *, noise=None, snr: float = 0.16, n_corrector: int =
         # disjoint pieces of [σ̄', σ̄] for the corrector and predictor draws (independent Brownian increments)
         cuts = np.linspace(si, ti, n_corrector + 2).tolist()
         for k in range(n_corrector):
-            d = denoiser(x, si, **cond)
+            x, d = evaluate(denoiser, x, si, cond)
             score = (d - x) / si**2
             z = _draw(noise, cuts[k], cuts[k + 1], x)
             zn = z.flatten(1).norm(dim=1)
@@ -471,7 +472,7 @@ def pc(denoiser, x, sigmas, *, noise=None, snr: float = 0.16, n_corrector: int =
             sn = sn.clamp_min(1e-30)
             step = _per_sample(2.0 * (snr * zn / sn) ** 2, x)
             x = x + step * score + (2.0 * step).sqrt() * z
-        d = denoiser(x, si, **cond)
+        x, d = evaluate(denoiser, x, si, cond)
         emit(callback, i, x, si, ti, d)
         if ti == 0:
             x = d
@@ -512,7 +513,7 @@ def ts_sampler(denoiser, x, sigmas, *, noise=None, eta: float = 0.0, window: flo
             sig = var.clamp_min(lo**2).sqrt().clamp(lo, hi)  # (batch,) float64
         else:
             sig = torch.full((x.shape[0],), si, dtype=torch.float64)
-        d = denoiser(x, sig, **cond)
+        x, d = evaluate(denoiser, x, sig, cond)
         emit(callback, i, x, si, ti, d)
         if ti == 0:
             x = d

@@ -7,7 +7,7 @@ import math
 
 import numpy as np
 
-from .base import as_floats, emit, lam, lincomb, lower_order_final_default, multistep_order, steps
+from .base import as_floats, emit, evaluate, lam, lincomb, lower_order_final_default, multistep_order, steps
 
 VARIANTS = ("bh1", "bh2")
 
@@ -65,7 +65,7 @@ def unipc(denoiser, x, sigmas, *, order: int = 3, variant: str = "bh2", correcto
     x_last, last_order = None, 0
     for i in steps(n, progress):
         si, ti = s[i], s[i + 1]
-        d = denoiser(x, si, **cond)
+        x, d = evaluate(denoiser, x, si, cond)
         if corrector and x_last is not None:
             x = _unipc_update(x_last, s[i - 1], si, hist_d, hist_l, last_order, variant, d_new=d)
         hist_d.insert(0, d), hist_l.insert(0, lam(si))
