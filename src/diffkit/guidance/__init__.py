@@ -1,5 +1,7 @@
 """Guidance as denoiser transforms: every method wraps a denoiser and is one (see `diffkit.guidance.base`)."""
 
 from .base import GuidedDenoiser, batched_call, expand_cond, scale_at
+from .pag import PAG, attention_layers
 
 __all__ = ["GuidedDenoiser", "batched_call", "expand_cond", "scale_at"]
+__all__ += ["PAG", "attention_layers"]
