@@ -198,6 +198,24 @@ def test_cross_attention_unet_perturbs_self_attention_only():
     assert torch.allclose(out, d + 1.5 * (d - d_pert), rtol=0, atol=1e-6)
 
 
+def test_diffusers_dit_with_class_labels():
+    """A diffusers DiT (DiTTransformer2DModel): self-attention "attn1" of the middle transformer block."""
+    diffusers = pytest.importorskip("diffusers")
+    torch.manual_seed(0)
+    net = _jitter(diffusers.DiTTransformer2DModel(
+        num_attention_heads=2, attention_head_dim=8, in_channels=1, out_channels=1, num_layers=3, sample_size=8,
+        patch_size=2, num_embeds_ada_norm=10), std=0.05)
+    den = diffusers_denoiser(net)
+    pag = PAG(den, 1.5)
+    assert pag.layers == ["transformer_blocks.1.attn1"]
+    x = torch.randn(N, 1, 8, 8, dtype=F64, generator=torch.Generator().manual_seed(9))
+    labels = torch.tensor([1, 2, 3])
+    d = den(x, SIGMA, class_labels=labels)
+    d_pert = perturbed_reference(den, pag, x, SIGMA, class_labels=labels)
+    assert float((d - d_pert).abs().max()) > 1e-3
+    assert torch.allclose(pag(x, SIGMA, class_labels=labels), d + 1.5 * (d - d_pert), rtol=0, atol=1e-6)
+
+
 @pytest.mark.parametrize("kind", ["unet", "diffusers"])
 def test_sampling_with_pag_respects_the_budget(kind):
     den, _ = build(kind)
