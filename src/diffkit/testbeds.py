@@ -9,6 +9,10 @@ With Σ_k = U_k diag(λ_k) U_kᵀ and y_k = U_kᵀ (x̄ - μ_k):
 * score ∇ log p(x̄; σ̄) = (D - x̄) / σ̄²
 * probability-flow ODE dx̄/dσ̄ = ε̂(x̄, σ̄) ("Elucidating the Design Space", Karras et al. 2022, Eq. 1 with
   s = 1), integrated here in float64 by scipy's DOP853 with tight tolerances: the "exact" flow map.
+
+Class-conditional mixtures give each component a label y_k. Conditioning on y keeps the components with y_k = y
+(weights renormalised): its denoiser is the formula above with r_k masked to those components, and
+p(y | x̄; σ̄) = Σ_{k: y_k = y} r_k(x̄), the exact classifier of classifier guidance.
 """
 
 from __future__ import annotations
@@ -33,7 +37,9 @@ class GaussianMixture:
     """Mixture Σ_k w_k N(μ_k, Σ_k) with exact denoiser, density, score, samples and flow map.
 
     Give `means` (K, d) and one of `stds` ((K,) isotropic or (K, d) diagonal) or `covariances` (K, d, d);
-    `weights` (K,) default to uniform. Optional `labels` (K,) name a class per component.
+    `weights` (K,) default to uniform. Optional `labels` (K,) give each component a class in 0..C-1 (several
+    components may share one); then `denoise`, `model` and `denoiser` take a per-sample `label` (-1 or None:
+    unconditional) and `null_cond` = {"label": -1} is the unconditional conditioning guidance uses.
     """
 
     def __init__(self, means, stds=None, weights=None, *, covariances=None, labels=None):
@@ -67,7 +73,32 @@ class GaussianMixture:
         self.means, self.eigvals, self.eigvecs = mu, lam.contiguous(), U.contiguous()
         self.weights = w / w.sum()
         self.labels = None if labels is None else torch.as_tensor(labels, dtype=torch.long)
+        if self.labels is not None and (self.labels.shape != (K,) or (self.labels < 0).any()):
+            raise ValueError(f"labels must be {K} non-negative class indices; got {labels!r}")
         self.K, self.dim = K, d
+
+    @property
+    def num_classes(self) -> int:
+        """C = 1 + the largest label (0 without labels)."""
+        return 0 if self.labels is None else int(self.labels.max()) + 1
+
+    @property
+    def null_cond(self) -> dict | None:
+        """Conditioning of the unconditional model ({"label": -1}) for classifier-free guidance; None without
+        labels."""
+        return None if self.labels is None else {"label": -1}
+
+    def conditional(self, label: int) -> GaussianMixture:
+        """p0(x0 | y): the components labelled y, weights renormalised."""
+        classes = self._class_mask()
+        if not (0 <= int(label) < self.num_classes and classes[:, int(label)].any()):
+            raise ValueError(f"no component has label {label!r}")
+        keep = classes[:, int(label)]
+        sub = object.__new__(GaussianMixture)
+        sub.means, sub.eigvals, sub.eigvecs = self.means[keep], self.eigvals[keep], self.eigvecs[keep]
+        sub.weights, sub.labels = self.weights[keep] / self.weights[keep].sum(), self.labels[keep]
+        sub._diagonal, sub.K, sub.dim = self._diagonal, int(keep.sum()), self.dim
+        return sub
 
     # -- presets -----------------------------------------------------------------------------------------------
     @classmethod
@@ -132,17 +163,45 @@ class GaussianMixture:
         logp = logn + self.weights.log()[None]
         return y, var, logp
 
+    def _class_mask(self) -> Tensor:
+        """(K, C) boolean: component k has label c."""
+        if self.labels is None:
+            raise ValueError("this mixture has no labels (give labels=... to GaussianMixture)")
+        return self.labels[:, None] == torch.arange(self.num_classes)[None]
+
+    def _label_logits(self, label, n: int) -> Tensor | None:
+        """(N, K) log-mask: 0 on the components of each sample's label, -inf elsewhere (label < 0: unmasked)."""
+        if label is None:
+            return None
+        y = torch.as_tensor(label, dtype=torch.long, device="cpu")
+        y = y.expand(n) if y.ndim == 0 else y
+        if y.shape != (n,):
+            raise ValueError(f"label must be an integer or have shape ({n},); got {tuple(y.shape)}")
+        keep = self._class_mask()[:, y.clamp(0, self.num_classes - 1)].T | (y[:, None] < 0)
+        if (y >= self.num_classes).any() or not keep.any(1).all():
+            raise ValueError(f"each label must be a class of this mixture or -1 (unconditional); got {y.tolist()}")
+        return torch.zeros(keep.shape, dtype=_F64).masked_fill_(~keep, -math.inf)
+
+    def class_log_probs(self, x_bar: Tensor, sigma_bar) -> Tensor:
+        """Exact log p(y | x̄; σ̄) = log Σ_{k: y_k = y} r_k(x̄), shape (N, C) (Bayes' rule on the mixture)."""
+        x, _, _ = self._flat(x_bar)
+        _, _, logp = self._parts(x, sigma_bar)
+        per_class = logp[:, :, None].masked_fill(~self._class_mask()[None], -math.inf)
+        return torch.logsumexp(per_class, 1) - torch.logsumexp(logp, -1, keepdim=True)
+
     def responsibilities(self, x_bar: Tensor, sigma_bar) -> Tensor:
         """Posterior component probabilities r_k(x̄; σ̄), shape (N, K)."""
         x, _, _ = self._flat(x_bar)
         _, _, logp = self._parts(x, sigma_bar)
         return torch.softmax(logp, -1)
 
-    def denoise(self, x_bar: Tensor, sigma_bar) -> Tensor:
-        """Exact D(x̄, σ̄) = E[x0 | x̄] (σ̄ scalar or per sample), in x̄'s dtype."""
+    def denoise(self, x_bar: Tensor, sigma_bar, label=None) -> Tensor:
+        """Exact D(x̄, σ̄) = E[x0 | x̄] (σ̄ scalar or per sample), in x̄'s dtype; with `label` (an integer or one
+        per sample, -1: unconditional) E[x0 | x̄, y], the denoiser of `conditional(y)`."""
         x, shape, dtype = self._flat(x_bar)
         y, var, logp = self._parts(x, sigma_bar)
-        r = torch.softmax(logp, -1)
+        mask = self._label_logits(label, x.shape[0])
+        r = torch.softmax(logp if mask is None else logp + mask, -1)
         post = self.means[None] + self._unproject(self.eigvals[None] / var * y)
         return (r[..., None] * post).sum(1).reshape(shape).to(dtype)
 
@@ -199,26 +258,26 @@ class GaussianMixture:
 
     # -- as a network of any process -------------------------------------------------------------------------
     def model(self, process: Process, prediction: str = "eps"):
-        """The exact network `model(x_t, t)` of `process` predicting `prediction` (for `diffkit.Denoiser`)."""
+        """The exact network `model(x_t, t, label=None)` of `process` predicting `prediction` (for
+        `diffkit.Denoiser`); a labelled mixture's network carries `null_cond` for classifier-free guidance."""
         if prediction == "edm":
             sd = getattr(process, "sigma_data", None)
             if sd is None:
                 raise ValueError("prediction 'edm' needs a process with sigma_data")
 
-            def edm_net(x_in, c_noise, **cond):
+            def net(x_in, c_noise, label=None):
                 sb = (4 * c_noise.to(_F64)).exp()
                 c_skip, c_out, c_in, _ = _edm_coefficients(sb, sd)
                 xb = x_in / _bcast(c_in, x_in)
-                return ((self.denoise(xb, sb) - _bcast(c_skip, xb) * xb) / _bcast(c_out, xb)).to(x_in.dtype)
+                return ((self.denoise(xb, sb, label) - _bcast(c_skip, xb) * xb) / _bcast(c_out, xb)).to(x_in.dtype)
+        else:
+            def net(x_t, t, label=None):
+                t64 = torch.as_tensor(t, dtype=_F64)
+                xb = x_t / _bcast(process.alpha(t64), x_t)
+                x0 = self.denoise(xb, process.sigma_bar(t64), label)
+                return from_x0(x0, x_t, t64, process, prediction).to(x_t.dtype)
 
-            return edm_net
-
-        def net(x_t, t, **cond):
-            t64 = torch.as_tensor(t, dtype=_F64)
-            xb = x_t / _bcast(process.alpha(t64), x_t)
-            x0 = self.denoise(xb, process.sigma_bar(t64))
-            return from_x0(x0, x_t, t64, process, prediction).to(x_t.dtype)
-
+        net.null_cond = self.null_cond
         return net
 
     def denoiser(self, process: Process, prediction: str = "eps") -> Denoiser:
