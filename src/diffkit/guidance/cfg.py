@@ -135,11 +135,10 @@ class CFGPlusPlus(CFG):
             _check_lambda(scale)
 
     def denoise_at(self, x: Tensor, sigma, **cond) -> tuple[Tensor, Tensor]:
-        lam = scale_at(self.scale, sigma)
         if callable(self.scale):
-            _check_lambda(lam)
+            _check_lambda(self.scale(sigma))
         d_c, d_u = self.predictions(x, sigma, cond)
-        d = torch.lerp(d_u, d_c, _per_sample(lam, x))
+        d = self.combine(d_c, d_u, sigma)
         return x + (d - d_u), d
 
 
