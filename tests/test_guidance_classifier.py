@@ -1,7 +1,10 @@
 """Classifier guidance, gradient-free classifier guidance, loss / universal guidance and minority guidance against
-closed forms on Gaussian mixtures."""
+closed forms on Gaussian mixtures; the noise-conditional digits classifier (training on a tiny budget, the shipped
+asset)."""
 
 from __future__ import annotations
+
+from pathlib import Path
 
 import pytest
 import torch
@@ -303,3 +306,56 @@ def test_gfcg_sampling_improves_class_accuracy_on_overlapping_classes():
     plain, guided = accuracy(cond), accuracy(GradientFreeGuidance(cond, clean, 1.0))
     assert guided > plain + 0.05, (plain, guided)
 
+
+# -- the noise-conditional digits classifier --------------------------------------------------------------------
+def test_noisy_classifier_training_runs_and_round_trips(tmp_path):
+    from diffkit.guidance.noisy_classifier import load_noisy_classifier, save_noisy_classifier, train_noisy_classifier
+
+    model, record = train_noisy_classifier(steps=3, batch_size=16)
+    assert record["steps"] == 3 and set(record["held_out_accuracy"]) >= {"0.1", "1", "80"}
+    save_noisy_classifier(tmp_path / "clf", model, record)
+    loaded = load_noisy_classifier(tmp_path / "clf")
+    x = torch.randn(4, 1, 16, 16)
+    assert torch.allclose(loaded(x, 0.5), model(x, 0.5)) and loaded(x, torch.rand(4)).shape == (4, 10)
+    with pytest.raises(ValueError, match="sigma_bar"):
+        loaded(x, torch.rand(3))
+
+
+def test_shipped_noisy_classifier_is_accurate_and_guides_the_digits_model():
+    from diffkit.checkpoint import load_denoiser
+    from diffkit.classifier import digits_split, load_classifier
+    from diffkit.guidance.noisy_classifier import ASSET, held_out_accuracy, load_noisy_classifier
+
+    clf = load_noisy_classifier()
+    assert (ASSET / "model.safetensors").stat().st_size < 1_000_000
+    _, _, xt, yt = digits_split()
+    acc = held_out_accuracy(clf, xt, yt, sigmas=(0.1, 1.0), draws=1)
+    assert acc["0.1"] > 0.9 and acc["1"] > 0.6, acc
+    # classifier guidance of the digits model run unconditionally (the label is not passed: the null class)
+    den = load_denoiser(Path(diffkit.__file__).parent / "assets" / "digits")
+    noise = torch.randn(20, 1, 16, 16, generator=torch.Generator().manual_seed(0))
+    target = torch.arange(20) % 10
+    kw = dict(solver="dpmpp_2m", steps=8, cond={"label": target})
+    clean = load_classifier()
+    with torch.no_grad():
+        guided = diffkit.sample(ClassifierGuidance(den, clf, 4.0), noise, **kw)
+        plain = diffkit.sample(den, noise, solver="dpmpp_2m", steps=8)
+        hit = lambda out: float((clean(out).argmax(1) == target).float().mean())  # noqa: E731
+        assert hit(guided) > hit(plain) + 0.3, (hit(plain), hit(guided))
+
+
+def test_gfcg_on_the_digits_model_batches_the_reference_pass():
+    from diffkit.checkpoint import load_denoiser
+    from diffkit.classifier import load_classifier
+
+    den = load_denoiser(Path(diffkit.__file__).parent / "assets" / "digits")
+    sizes, model = [], den.model
+    den.model = lambda x, t, **c: sizes.append(x.shape[0]) or model(x, t, **c)
+    noise = torch.randn(6, 1, 16, 16, generator=torch.Generator().manual_seed(0))
+    gf = GradientFreeGuidance(den, load_classifier(), 2.0)
+    with torch.no_grad():
+        out = diffkit.sample(gf, noise, solver="dpmpp_2m", steps=4, cond={"label": torch.arange(6)})
+    assert torch.isfinite(out).all()
+    assert sizes == [6, 6, 12, 12, 12]  # first evaluation: D_y, classify, D_ref; then one batched call each
+    assert gf.passes == {"cond": 4, "reference": 4, "classifier": 4}
+    assert gf.reference.shape == (6,) and (gf.reference != torch.arange(6)).all()
