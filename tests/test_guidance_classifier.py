@@ -78,6 +78,9 @@ def test_classifier_guidance_w1_is_the_class_conditional_denoiser():
     exact = torch.where(labels[:, None] == 0, sub_mixture(mix, 0).denoise(x, 0.7), sub_mixture(mix, 1).denoise(x, 0.7))
     assert torch.allclose(guided(x, 0.7, label=labels), exact, atol=1e-10, rtol=0)
     assert guided.passes == {"uncond": 11, "classifier": 11}
+    # the testbed's own exact posterior and label-conditional denoiser agree
+    own = ClassifierGuidance(mix, mix.class_log_probs, 1.0)
+    assert torch.allclose(own(x, 0.7, label=labels), mix.denoise(x, 0.7, label=labels), atol=1e-10, rtol=0)
 
 
 def test_classifier_guidance_scale_and_pass_label():
