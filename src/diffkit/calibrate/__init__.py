@@ -1,0 +1,196 @@
+"""Samplers calibrated to the user's model: `calibrate(denoiser, nfe, ...)` fits a `SolverPlan` (call levels and the
+linear rule of each step, see `diffkit.calibrate.plan`) to a teacher on a few hundred noises, and
+`diffkit.sample(denoiser, noise, plan=plan)` / `diffkit sample --plan FILE` use it.
+
+    plan = diffkit.calibrate(denoiser, nfe=6, method="joint")   # teacher: the same model at high NFE
+    plan.save("plan.json")
+    x = diffkit.sample(denoiser, noise, plan=SolverPlan.load("plan.json"))
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+
+import torch
+
+from ..schedules import get_sigmas, loglinear_interp
+from ..solvers import get_solver
+from ..solvers import plan as resolve
+from . import fitting as M
+from .plan import PlanError, SolverPlan, fingerprint, run_linear
+from .probe import linear_solvers, plan_tensors
+
+Tensor = torch.Tensor
+F64 = torch.float64
+
+__all__ = ["calibrate", "SolverPlan", "PlanError", "solver_teacher", "methods", "plan_error", "linear_solvers",
+           "run_linear"]
+
+methods = M.methods
+
+
+def solver_teacher(denoiser, nfe: int = 150, solver: str = "dpm_solver_3", cond: dict | None = None) -> Callable:
+    """The default teacher: the same denoiser solved accurately, `teacher(x̄, σ̄_from, σ̄_to)` with about `nfe`
+    calls per full trajectory (DPM-Solver-3 singlestep on a log-SNR grid; the final step to σ̄ = 0 denoises)."""
+    spec = get_solver(solver)
+    cond = cond or {}
+    process = getattr(denoiser, "process", None)
+
+    def teacher(x, s_from, s_to):
+        lo = s_to if s_to > 0 else min(s_from, getattr(process, "sigma_bar_min", 2e-3) or 2e-3)
+        span = math.log(s_from / lo) if lo < s_from else 0.0
+        full = math.log(getattr(process, "sigma_bar_max", 80.0) / getattr(process, "sigma_bar_min", 2e-3))
+        steps = max(2, math.ceil(nfe / 3 * span / max(full, 1e-9)))
+        if span == 0 and s_to > 0:
+            return x
+        grid = get_sigmas("logsnr", steps, sigma_min=lo, sigma_max=s_from, end="zero" if s_to == 0 else "sigma_min")
+        with torch.no_grad():
+            return spec.fn(denoiser, x, grid, cond=cond, **spec.preset)
+
+    return teacher
+
+
+def plan_error(plan: SolverPlan, denoiser, x0: Tensor, target: Tensor, cond=None) -> float:
+    """Relative RMS error ||plan(x̄_0) - target|| / ||target|| (over all samples)."""
+    with torch.no_grad():
+        out = plan.run(denoiser, x0, cond=cond)
+    return float((out - target).pow(2).mean().sqrt() / target.pow(2).mean().sqrt())
+
+
+def calibrate(denoiser, nfe: int, *, solver: str | None = None, noises: int | Tensor = 256,
+              heldout: int | Tensor = 256, teacher: Callable | None = None, method: str = "joint",
+              budget: float = 90.0, schedule: str | None = None, end: str | None = None, options: dict | None = None,
+              cond: dict | None = None, seed: int = 0, neighbours: bool = True, progress: bool = False,
+              verbose: bool = False, shape: tuple | None = None) -> SolverPlan:
+    """Fit a `SolverPlan` with `nfe` model calls to `denoiser` (a `diffkit.Denoiser` with a process).
+
+    The plan starts from `solver` on its grid for the budget (default: diffkit's default configuration for `nfe`;
+    `schedule`, `end`, `options` as in `diffkit.sample`) and is fitted by `method` (see `methods()`; the table in
+    `diffkit.calibrate.fitting`) against `teacher(x̄, σ̄_from, σ̄_to)` — by default `solver_teacher(denoiser)`; on a
+    testbed pass `mixture.flow_map`, the exact flow map — on `noises` (a count, drawn from `seed`, or a tensor of
+    standard-normal noise; a count needs `shape`, the shape of one sample). `heldout` noises (count or tensor; 0 for
+    none) only measure. `budget` is the wall time
+    in seconds the optimiser may use. The result never does worse than its starting plan on the calibration
+    noises (the start is returned when nothing better was found). `plan.metrics` reports calibration and held-out
+    relative RMS errors of the start and of the plan, timings and, with `neighbours`, the starting solver at
+    nfe - 1 and nfe + 1 with the plan's grid resampled (a grid transfers between budgets, coefficients do not)."""
+    if method not in M.METHODS:
+        raise ValueError(f"unknown calibration method {method!r}; valid: {', '.join(M.METHODS)}")
+    process = getattr(denoiser, "process", None)
+    if process is None:
+        raise ValueError("calibrate needs a diffkit.Denoiser with a process (to map noise to the start)")
+    if not isinstance(nfe, int) or nfe < 1:
+        raise ValueError(f"nfe must be a positive integer; got {nfe!r}")
+    if not (budget > 0):
+        raise ValueError(f"budget must be a positive number of seconds; got {budget!r}")
+    spec, grid, opts, calls = resolve(solver, process=process, nfe=nfe, schedule=schedule, end=end, options=options)
+    if spec.stochastic or spec.adaptive:
+        raise ValueError(f"solver {spec.name!r} cannot start a plan; valid: {', '.join(linear_solvers())}")
+    grid = [float(s) for s in grid]
+    cond = cond or {}
+    t_start = time.monotonic()
+    x0, xh = _starts(denoiser, noises, heldout, seed, grid[0], shape)
+    teacher = teacher or solver_teacher(denoiser, cond=cond)
+    sigma_end = grid[-1]
+    target = _check_teacher(teacher(x0, grid[0], sigma_end), x0)
+    target_h = _check_teacher(teacher(xh, grid[0], sigma_end), xh) if xh is not None else None
+    t_teacher = time.monotonic() - t_start
+
+    log = print if verbose else (lambda *a, **k: None)
+    problem = M.Problem(denoiser, x0, target, teacher, spec.name, opts, grid, process, cond,
+                        deadline=time.monotonic() + budget, log=log)
+    tau0, alpha0, B0 = plan_tensors(spec.name, grid, opts, process)
+    meta = dict(sigma_end=sigma_end, solver=spec.name, process=process.config(), fingerprint=fingerprint(denoiser))
+    start_plan = SolverPlan.from_tensors(tau0, alpha0, B0, method="solver", **meta)
+    if start_plan.nfe != nfe:
+        raise ValueError(f"solver {spec.name!r} makes {start_plan.nfe} calls on its grid for nfe={nfe}")
+    t0 = time.monotonic()
+    run = {
+        "solver": lambda: (tau0, alpha0, B0),
+        "grid": lambda: M.grid(problem),
+        "evolution": lambda: M.evolution(problem),
+        "s3": lambda: M.s3(problem),
+        "linear_subspace": lambda: M.linear_subspace(problem),
+        "dc_solver": lambda: M.dc_solver(problem),
+        "dpm_solver_v3": lambda: M.dpm_solver_v3(problem),
+        "momentum": lambda: M.momentum(problem),
+        "joint": lambda: M.joint(problem),
+    }[method]
+    tau, alpha, B = run()
+    seconds = time.monotonic() - t0
+    plan = SolverPlan.from_tensors(tau, alpha, B, method=method, **meta)
+    err0 = plan_error(start_plan, denoiser, x0, target, cond)
+    err = plan_error(plan, denoiser, x0, target, cond)
+    fell_back = not (err <= err0)
+    if fell_back:
+        plan, err = SolverPlan.from_tensors(tau0, alpha0, B0, method=method, **meta), err0
+    metrics = {"calibration_noises": len(x0), "start_error": err0, "error": err, "fell_back_to_start": fell_back,
+               "seconds": round(seconds, 3), "teacher_seconds": round(t_teacher, 3), "grid": problem.grid}
+    if xh is not None:
+        metrics.update(heldout_noises=len(xh), heldout_start_error=plan_error(start_plan, denoiser, xh, target_h, cond),
+                       heldout_error=plan_error(plan, denoiser, xh, target_h, cond))
+    for key in ("s3_choice", "dc_ratios", "momentum_beta"):
+        if hasattr(problem, key):
+            metrics[key] = getattr(problem, key)
+    if neighbours and xh is not None:
+        metrics["neighbours"] = _neighbours(problem, denoiser, xh, target_h, spec.name, opts, cond)
+    plan.metrics = metrics
+    return plan
+
+
+def _starts(denoiser, noises, heldout, seed, sigma_max, shape):
+    process = denoiser.process
+
+    def draw(spec, offset):
+        if isinstance(spec, Tensor):
+            if not spec.is_floating_point() or not torch.isfinite(spec).all():
+                raise ValueError("noises must be finite floating-point tensors")
+            return process.noise_to_canonical(spec, sigma_max).to(spec.dtype)
+        if not isinstance(spec, int) or spec < 0:
+            raise ValueError(f"noise counts must be non-negative integers or tensors; got {spec!r}")
+        if spec == 0:
+            return None
+        if shape is None:
+            raise ValueError("give noises as a tensor, or their count with shape=(sample shape)")
+        g = torch.Generator().manual_seed(seed + offset)
+        return process.noise_to_canonical(torch.randn(spec, *shape, generator=g, dtype=F64), sigma_max)
+
+    x0 = draw(noises, 0)
+    if x0 is None:
+        raise ValueError("calibration needs at least one noise")
+    xh = draw(heldout, 1_000_003) if not (isinstance(heldout, int) and heldout == 0) else None
+    if xh is not None and xh.shape[1:] != x0.shape[1:]:
+        raise ValueError(f"held-out noises have shape {tuple(xh.shape[1:])}, calibration noises {tuple(x0.shape[1:])}")
+    return x0, xh
+
+
+def _check_teacher(y, x):
+    if not isinstance(y, Tensor) or y.shape != x.shape:
+        raise ValueError(f"teacher returned shape {tuple(getattr(y, 'shape', ()))} for starts of shape "
+                         f"{tuple(x.shape)}: teacher and student must have the same shapes")
+    if not torch.isfinite(y).all():
+        raise ValueError("teacher returned non-finite values")
+    return y.to(x.dtype)
+
+
+def _neighbours(problem, denoiser, xh, target_h, solver, opts, cond) -> dict:
+    """Held-out error of the starting solver at nfe ± 1 on the plan's grid resampled log-linearly."""
+    out = {}
+    grid = problem.grid
+    to_zero = grid[-1] == 0
+    positive = grid[:-1] if to_zero else grid
+    for dn in (-1, 1):
+        m = len(positive) + dn
+        if m < 2:
+            continue
+        g = loglinear_interp(positive, m).tolist() + ([0.0] if to_zero else [])
+        try:
+            tau, alpha, B = plan_tensors(solver, g, opts, problem.process)
+        except ValueError as e:
+            out[str(len(g) - 1)] = f"n/a ({e})"
+            continue
+        p = SolverPlan.from_tensors(tau, alpha, B, sigma_end=grid[-1])
+        out[str(len(tau))] = plan_error(p, denoiser, xh, target_h, cond)
+    return out
