@@ -6,7 +6,17 @@ solver, schedule and testbed speaks (x̄, σ̄, D).
 """
 
 # `solvers` is a callable module: diffkit.solvers() lists the solver names, diffkit.solvers.dpm is a submodule
-from . import metrics, noise, schedules, solvers, testbeds
+# `calibrate` is a callable module too: diffkit.calibrate(denoiser, nfe, ...) fits a plan, diffkit.calibrate.fitting
+# holds the methods
+from . import (
+    calibrate,  # noqa: E402  (after .solvers, which it builds on)
+    metrics,
+    noise,
+    schedules,
+    solvers,
+    testbeds,
+)
+from .calibrate.plan import SolverPlan  # noqa: E402
 from .denoiser import PREDICTIONS, Denoiser
 from .likelihood import bits_per_dim, likelihood
 from .processes import EDM, VE, VP, Flow, Interpolant, Process
@@ -14,11 +24,12 @@ from .schedules import get_sigmas
 from .solvers import sample
 
 __all__ = ["Denoiser", "PREDICTIONS", "Process", "VP", "VE", "EDM", "Flow", "Interpolant", "sample", "solvers",
-           "get_sigmas", "schedules", "testbeds", "likelihood", "bits_per_dim", "metrics", "noise"]
+           "get_sigmas", "schedules", "testbeds", "likelihood", "bits_per_dim", "metrics", "noise", "calibrate",
+           "SolverPlan", "guidance"]
 __version__ = "0.1.0"
 
 # training subpackages load on first use (diffkit.models, diffkit.train, diffkit.data, diffkit.checkpoint)
-_LAZY = ("models", "train", "data", "checkpoint")
+_LAZY = ("models", "train", "data", "checkpoint", "guidance")
 
 
 def __getattr__(name):

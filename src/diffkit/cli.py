@@ -83,18 +83,29 @@ def _cmd_sample(args) -> int:
     import numpy as np
     import torch
 
+    from .calibrate.plan import SolverPlan
     from .checkpoint import load_model
     from .denoiser import Denoiser
     from .noise import randn
     from .processes import process_from_config
     from .solvers import get_solver, plan, sample
 
+    solver_plan = None
+    if args.plan is not None:
+        if args.solver is not None or args.schedule is not None:
+            raise ValueError("--plan fixes the solver and schedule; do not also give --solver or --schedule")
+        solver_plan = SolverPlan.load(args.plan)  # malformed files fail before loading the model
+        if args.nfe is not None and args.nfe != solver_plan.nfe:
+            raise ValueError(f"{args.plan} is a plan for --nfe {solver_plan.nfe}; got --nfe {args.nfe}")
+    elif args.nfe is None:
+        args.nfe = 20
     if args.solver is not None:
         get_solver(args.solver)  # unknown solver: fail before loading anything
     _check_device(args.device)
     model, cfg = load_model(args.model, map_location=args.device)
     process = process_from_config(cfg["process"])
-    plan(args.solver, process=process, nfe=args.nfe, schedule=args.schedule)  # budget / schedule errors up front
+    if solver_plan is None:
+        plan(args.solver, process=process, nfe=args.nfe, schedule=args.schedule)  # budget / schedule errors early
     den = Denoiser(model, process, cfg["prediction"])
     num_classes = int(cfg["model"].get("num_classes") or 0)
     classes = _classes(args.classes, num_classes)
@@ -109,9 +120,10 @@ def _cmd_sample(args) -> int:
     noise = randn((n, *shape), seeds=seeds).to(args.device)
     torch.manual_seed(args.seed)
     with torch.no_grad():
-        x, info = sample(den, noise, solver=args.solver, nfe=args.nfe, schedule=args.schedule, return_info=True,
-                         cond={} if labels is None else {"label": labels.to(args.device)},
-                         seeds=seeds, progress=not args.no_progress)
+        kw = dict(plan=solver_plan) if solver_plan is not None else dict(solver=args.solver, nfe=args.nfe,
+                                                                                      schedule=args.schedule)
+        x, info = sample(den, noise, return_info=True, cond={} if labels is None else {"label": labels.to(args.device)},
+                         seeds=seeds, progress=not args.no_progress, **kw)
     x = x.float().cpu()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -124,6 +136,7 @@ def _cmd_sample(args) -> int:
     title = f"{info['solver']}, {info['nfe']} model calls, seed {args.seed}"
     _labelled_grid(out / "grid.png", x, labels, title)
     meta = {"model": str(args.model), "solver": info["solver"], "nfe": info["nfe"], "schedule": args.schedule,
+            "plan": args.plan,
             "seed": args.seed, "n": n, "classes": classes, "sigmas": [float(s) for s in info["sigmas"]]}
     (out / "sample.json").write_text(json.dumps(meta, indent=1))
     print(f"{n} samples ({title})")
@@ -220,6 +233,44 @@ def _cmd_bench(args) -> int:
 
 
 # ---- info
+def _cmd_calibrate(args) -> int:
+    import torch
+
+    from .calibrate import calibrate, methods
+    from .checkpoint import load_model
+    from .denoiser import Denoiser
+    from .noise import randn
+    from .processes import process_from_config
+
+    if args.method not in methods():
+        raise ValueError(f"unknown calibration method {args.method!r}; valid: {', '.join(methods())}")
+    _check_device(args.device)
+    model, cfg = load_model(args.model, map_location=args.device)
+    process = process_from_config(cfg["process"])
+    den = Denoiser(model, process, cfg["prediction"])
+    shape = (cfg.get("data") or {}).get("shape") or _shape_from_model(cfg["model"])
+    num_classes = int(cfg["model"].get("num_classes") or 0)
+
+    def draw(n, offset):
+        noise = randn((n, *shape), seeds=[args.seed * 1_000_003 + offset + i for i in range(n)]).to(args.device)
+        cond = {"label": (torch.arange(n) % num_classes).to(args.device)} if num_classes else {}
+        return noise, cond
+
+    noise, cond = draw(args.noises, 0)
+    held, held_cond = draw(args.heldout, 500_000) if args.heldout else (0, None)
+    plan = calibrate(den, args.nfe, solver=args.solver, noises=noise, heldout=held, method=args.method,
+                     budget=args.budget, cond=cond, heldout_cond=held_cond, verbose=not args.no_progress)
+    plan.metrics["model"] = str(args.model)
+    plan.save(args.out)
+    m = plan.metrics
+    print(f"{args.method} plan for nfe={args.nfe} ({plan.solver} start): relative error vs the teacher "
+          f"{m['start_error']:.4g} -> {m['error']:.4g} on {m['calibration_noises']} calibration noises"
+          + (f", {m['heldout_start_error']:.4g} -> {m['heldout_error']:.4g} held out" if "heldout_error" in m else "")
+          + f"; {m['seconds']:.1f} s (+{m['teacher_seconds']:.1f} s teacher)")
+    print(f"wrote {args.out}")
+    return 0
+
+
 def _cmd_info(args) -> int:
     from .checkpoint import latest_checkpoint, load_model
 
@@ -274,11 +325,14 @@ def build_parser() -> argparse.ArgumentParser:
     p = _sub(sub, "sample", "sample a model: a labelled PNG grid (rows = classes) and the raw tensors (.npz)",
              "  diffkit sample                                  # shipped digits model, 8 per class\n"
              "  diffkit sample --class 3,5 --n 16 --solver heun --nfe 18\n"
-             "  diffkit sample --model runs/digits/model --schedule karras --seed 2\n")
+             "  diffkit sample --model runs/digits/model --schedule karras --seed 2\n"
+             "  diffkit sample --plan plan.json                  # a plan from diffkit calibrate\n")
     p.add_argument("--model", default=str(SHIPPED), help="exported model folder or training checkpoint")
     p.add_argument("--solver", default=None, help="solver name (diffkit solvers); default: the budget's default")
-    p.add_argument("--nfe", type=_positive, default=20, help="budget of model calls")
+    p.add_argument("--nfe", type=_positive, default=None, help="budget of model calls (default: 20, or the plan's)")
     p.add_argument("--schedule", default=None, help="step schedule (diffkit schedules); default: the solver's")
+    p.add_argument("--plan", default=None, help="solver plan JSON from `diffkit calibrate` (replaces solver and "
+                   "schedule)")
     p.add_argument("--seed", type=int, default=0, help="noise seed (sample i uses seed*1000003+i)")
     p.add_argument("--class", dest="classes", default=None,
                    help="comma-separated class labels (default: every class of a conditional model)")
@@ -287,6 +341,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="outputs/sample", help="output folder")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_sample)
+
+    p = _sub(sub, "calibrate", "fit a solver plan (step levels and coefficients) to a model for a budget of calls",
+             "  diffkit calibrate --nfe 6 --out plan.json                 # shipped digits model, joint method\n"
+             "  diffkit calibrate --nfe 6 --method evolution --budget 60 --out plan.json\n"
+             "  diffkit sample --plan plan.json\n")
+    p.add_argument("--model", default=str(SHIPPED), help="exported model folder or training checkpoint")
+    p.add_argument("--nfe", type=_positive, required=True, help="budget of model calls of the plan")
+    p.add_argument("--method", default="joint", help="calibration method (default: %(default)s)")
+    p.add_argument("--solver", default=None, help="starting solver (default: the budget's default)")
+    p.add_argument("--noises", type=_positive, default=256, help="calibration noises (default: %(default)s)")
+    p.add_argument("--heldout", type=int, default=256, help="held-out noises, only measured (default: %(default)s)")
+    p.add_argument("--budget", type=float, default=90.0, help="optimiser wall time in seconds (default: %(default)s)")
+    p.add_argument("--seed", type=int, default=0, help="noise seed")
+    p.add_argument("--device", default="cpu", help="torch device")
+    p.add_argument("--out", default="plan.json", help="plan file to write (default: %(default)s)")
+    p.add_argument("--no-progress", action="store_true", help="quiet")
+    p.set_defaults(func=_cmd_calibrate)
 
     from .train.__main__ import build_parser as train_parser
 

@@ -10,7 +10,9 @@ linear rule of each step, see `diffkit.calibrate.plan`) to a teacher on a few hu
 from __future__ import annotations
 
 import math
+import sys
 import time
+import types
 from collections.abc import Callable
 
 import torch
@@ -20,7 +22,7 @@ from ..solvers import get_solver
 from ..solvers import plan as resolve
 from . import fitting as M
 from .plan import PlanError, SolverPlan, fingerprint, run_linear
-from .probe import linear_solvers, plan_tensors
+from .probe import _check_linear, linear_solvers, plan_tensors
 
 Tensor = torch.Tensor
 F64 = torch.float64
@@ -31,14 +33,14 @@ __all__ = ["calibrate", "SolverPlan", "PlanError", "solver_teacher", "methods", 
 methods = M.methods
 
 
-def solver_teacher(denoiser, nfe: int = 150, solver: str = "dpm_solver_3", cond: dict | None = None) -> Callable:
-    """The default teacher: the same denoiser solved accurately, `teacher(x̄, σ̄_from, σ̄_to)` with about `nfe`
-    calls per full trajectory (DPM-Solver-3 singlestep on a log-SNR grid; the final step to σ̄ = 0 denoises)."""
+def solver_teacher(denoiser, nfe: int = 150, solver: str = "dpm_solver_3") -> Callable:
+    """The default teacher: the same denoiser solved accurately, `teacher(x̄, σ̄_from, σ̄_to, **cond)` with about
+    `nfe` calls per full trajectory (DPM-Solver-3 singlestep on a log-SNR grid; the final step to σ̄ = 0
+    denoises)."""
     spec = get_solver(solver)
-    cond = cond or {}
     process = getattr(denoiser, "process", None)
 
-    def teacher(x, s_from, s_to):
+    def teacher(x, s_from, s_to, **cond):
         lo = s_to if s_to > 0 else min(s_from, getattr(process, "sigma_bar_min", 2e-3) or 2e-3)
         span = math.log(s_from / lo) if lo < s_from else 0.0
         full = math.log(getattr(process, "sigma_bar_max", 80.0) / getattr(process, "sigma_bar_min", 2e-3))
@@ -62,8 +64,8 @@ def plan_error(plan: SolverPlan, denoiser, x0: Tensor, target: Tensor, cond=None
 def calibrate(denoiser, nfe: int, *, solver: str | None = None, noises: int | Tensor = 256,
               heldout: int | Tensor = 256, teacher: Callable | None = None, method: str = "joint",
               budget: float = 90.0, schedule: str | None = None, end: str | None = None, options: dict | None = None,
-              cond: dict | None = None, seed: int = 0, neighbours: bool = True, progress: bool = False,
-              verbose: bool = False, shape: tuple | None = None) -> SolverPlan:
+              cond: dict | None = None, heldout_cond: dict | None = None, seed: int = 0, neighbours: bool = True,
+              validation: bool = True, verbose: bool = False, shape: tuple | None = None) -> SolverPlan:
     """Fit a `SolverPlan` with `nfe` model calls to `denoiser` (a `diffkit.Denoiser` with a process).
 
     The plan starts from `solver` on its grid for the budget (default: diffkit's default configuration for `nfe`;
@@ -75,7 +77,10 @@ def calibrate(denoiser, nfe: int, *, solver: str | None = None, noises: int | Te
     in seconds the optimiser may use. The result never does worse than its starting plan on the calibration
     noises (the start is returned when nothing better was found). `plan.metrics` reports calibration and held-out
     relative RMS errors of the start and of the plan, timings and, with `neighbours`, the starting solver at
-    nfe - 1 and nfe + 1 with the plan's grid resampled (a grid transfers between budgets, coefficients do not)."""
+    nfe - 1 and nfe + 1 with the plan's grid resampled (a grid transfers between budgets, coefficients do not).
+    `cond` (and `heldout_cond` for the held-out noises, needed when `cond` holds per-sample tensors) go to the model
+    and to the teacher. With `validation` (and unconditional or shared conditioning), a quarter of the calibration
+    noises is held back from the gradient-based optimisers, which keep the parameters best on it (early stopping)."""
     if method not in M.METHODS:
         raise ValueError(f"unknown calibration method {method!r}; valid: {', '.join(M.METHODS)}")
     process = getattr(denoiser, "process", None)
@@ -86,21 +91,28 @@ def calibrate(denoiser, nfe: int, *, solver: str | None = None, noises: int | Te
     if not (budget > 0):
         raise ValueError(f"budget must be a positive number of seconds; got {budget!r}")
     spec, grid, opts, calls = resolve(solver, process=process, nfe=nfe, schedule=schedule, end=end, options=options)
-    if spec.stochastic or spec.adaptive:
-        raise ValueError(f"solver {spec.name!r} cannot start a plan; valid: {', '.join(linear_solvers())}")
+    _check_linear(spec.name)
     grid = [float(s) for s in grid]
     cond = cond or {}
     t_start = time.monotonic()
     x0, xh = _starts(denoiser, noises, heldout, seed, grid[0], shape)
-    teacher = teacher or solver_teacher(denoiser, cond=cond)
+    if heldout_cond is None:
+        if _per_sample(cond) and xh is not None:
+            raise ValueError("cond holds per-sample tensors: give heldout_cond for the held-out noises")
+        heldout_cond = cond
+    teacher = teacher or solver_teacher(denoiser)
     sigma_end = grid[-1]
-    target = _check_teacher(teacher(x0, grid[0], sigma_end), x0)
-    target_h = _check_teacher(teacher(xh, grid[0], sigma_end), xh) if xh is not None else None
+    target = _check_teacher(_teach(teacher, x0, grid[0], sigma_end, cond), x0)
+    target_h = _check_teacher(_teach(teacher, xh, grid[0], sigma_end, heldout_cond), xh) if xh is not None else None
     t_teacher = time.monotonic() - t_start
 
     log = print if verbose else (lambda *a, **k: None)
-    problem = M.Problem(denoiser, x0, target, teacher, spec.name, opts, grid, process, cond,
-                        deadline=time.monotonic() + budget, log=log)
+    n_val = len(x0) // 4 if (validation and len(x0) >= 8 and not _per_sample(cond)) else 0
+    fit = slice(0, len(x0) - n_val)
+    problem = M.Problem(denoiser, x0[fit], target[fit], lambda x, a, b: _teach(teacher, x, a, b, cond), spec.name,
+                        opts, grid, process, cond, deadline=time.monotonic() + budget, log=log,
+                        x0_val=x0[len(x0) - n_val:] if n_val else None,
+                        target_val=target[len(x0) - n_val:] if n_val else None)
     tau0, alpha0, B0 = plan_tensors(spec.name, grid, opts, process)
     meta = dict(sigma_end=sigma_end, solver=spec.name, process=process.config(), fingerprint=fingerprint(denoiser))
     start_plan = SolverPlan.from_tensors(tau0, alpha0, B0, method="solver", **meta)
@@ -129,13 +141,14 @@ def calibrate(denoiser, nfe: int, *, solver: str | None = None, noises: int | Te
     metrics = {"calibration_noises": len(x0), "start_error": err0, "error": err, "fell_back_to_start": fell_back,
                "seconds": round(seconds, 3), "teacher_seconds": round(t_teacher, 3), "grid": problem.grid}
     if xh is not None:
-        metrics.update(heldout_noises=len(xh), heldout_start_error=plan_error(start_plan, denoiser, xh, target_h, cond),
-                       heldout_error=plan_error(plan, denoiser, xh, target_h, cond))
+        metrics.update(heldout_noises=len(xh),
+                       heldout_start_error=plan_error(start_plan, denoiser, xh, target_h, heldout_cond),
+                       heldout_error=plan_error(plan, denoiser, xh, target_h, heldout_cond))
     for key in ("s3_choice", "dc_ratios", "momentum_beta"):
         if hasattr(problem, key):
             metrics[key] = getattr(problem, key)
     if neighbours and xh is not None:
-        metrics["neighbours"] = _neighbours(problem, denoiser, xh, target_h, spec.name, opts, cond)
+        metrics["neighbours"] = _neighbours(problem, denoiser, xh, target_h, spec.name, opts, heldout_cond)
     plan.metrics = metrics
     return plan
 
@@ -166,6 +179,14 @@ def _starts(denoiser, noises, heldout, seed, sigma_max, shape):
     return x0, xh
 
 
+def _per_sample(cond: dict) -> bool:
+    return any(isinstance(v, Tensor) and v.ndim > 0 for v in cond.values())
+
+
+def _teach(teacher, x, s_from, s_to, cond):
+    return teacher(x, s_from, s_to, **cond) if cond else teacher(x, s_from, s_to)
+
+
 def _check_teacher(y, x):
     if not isinstance(y, Tensor) or y.shape != x.shape:
         raise ValueError(f"teacher returned shape {tuple(getattr(y, 'shape', ()))} for starts of shape "
@@ -194,3 +215,13 @@ def _neighbours(problem, denoiser, xh, target_h, solver, opts, cond) -> dict:
         p = SolverPlan.from_tensors(tau, alpha, B, sigma_end=grid[-1])
         out[str(len(tau))] = plan_error(p, denoiser, xh, target_h, cond)
     return out
+
+
+class _CallableModule(types.ModuleType):
+    """`diffkit.calibrate` is both this subpackage and the function: calling the module calls `calibrate`."""
+
+    def __call__(self, *args, **kwargs) -> SolverPlan:
+        return calibrate(*args, **kwargs)
+
+
+sys.modules[__name__].__class__ = _CallableModule

@@ -52,6 +52,8 @@ class Problem:
     deadline: float = math.inf
     log: Callable = print
     evals: int = 0
+    x0_val: Tensor | None = None  # validation split of the calibration noises: early stopping of the optimisers
+    target_val: Tensor | None = None
 
     @property
     def n(self) -> int:
@@ -71,14 +73,24 @@ class Problem:
         out = self.run(tau, alpha, B)
         return (out - self.target).pow(2).mean() / self.target.pow(2).mean()
 
+    def val_loss(self, tau, alpha, B) -> float:
+        """The same on the validation split (the training loss when there is none)."""
+        with torch.no_grad():
+            tau, alpha, B = (v.detach() if isinstance(v, Tensor) else v for v in (tau, alpha, B))
+            if self.x0_val is None:
+                return self.loss(tau, alpha, B).item()
+            out = self.run(tau, alpha, B, self.x0_val)
+            return ((out - self.target_val).pow(2).mean() / self.target_val.pow(2).mean()).item()
+
     def base(self, grid=None, solver=None, options=None):
         return plan_tensors(solver or self.solver, grid or self.grid, self.options if options is None else options,
                             self.process)
 
 
-def _lbfgs(params, closure_loss, problem: Problem, max_evals: int):
-    """Full-batch L-BFGS with strong-Wolfe line search, stopped by the evaluation count or the deadline; returns
-    the best parameters seen (values, loss)."""
+def _lbfgs(params, closure_loss, problem: Problem, max_evals: int, plan_of: Callable | None = None):
+    """Full-batch L-BFGS with strong-Wolfe line search, stopped by the evaluation count or the deadline. Returns
+    the parameters with the best validation loss seen (`plan_of()` builds the plan from the current parameters;
+    without it, the best training loss): early stopping against overfitting the calibration noises."""
     opt = torch.optim.LBFGS(params, lr=1, max_iter=max_evals, max_eval=max_evals, history_size=20,
                             line_search_fn="strong_wolfe", tolerance_grad=1e-14, tolerance_change=1e-16)
     best = [math.inf, [p.detach().clone() for p in params]]
@@ -90,8 +102,9 @@ def _lbfgs(params, closure_loss, problem: Problem, max_evals: int):
         loss = closure_loss()
         if not torch.isfinite(loss):
             return loss
-        if loss.item() < best[0]:
-            best[0], best[1] = loss.item(), [p.detach().clone() for p in params]
+        score = problem.val_loss(*plan_of()) if plan_of is not None else loss.item()
+        if score < best[0]:
+            best[0], best[1] = score, [p.detach().clone() for p in params]
         loss.backward()
         return loss
 
@@ -152,7 +165,8 @@ def grid(problem: Problem, max_evals: int = 60):
         tau, alpha, B = plan_of(logits)
         return problem.loss(tau, alpha, B)
 
-    _lbfgs([logits], closure_loss, problem, max_evals)
+    _lbfgs([logits], closure_loss, problem, max_evals,
+           plan_of=lambda: problem.base(_grid_list(logits, first, last, to_zero)))
     problem.grid = _grid_list(logits, first, last, to_zero)
     return problem.base()
 
@@ -333,11 +347,10 @@ def joint(problem: Problem, max_evals: int = 400, grid_evals: int = 40):
     a, b = alpha.clone().requires_grad_(True), B.clone().requires_grad_(True)
     mask = torch.tril(torch.ones_like(B))
 
-    def closure_loss():
-        t = torch.cat([log_tau[:1], free]).exp()
-        return problem.loss(t, a, b * mask)
+    def current():
+        return torch.cat([log_tau[:1], free]).exp(), a, b * mask
 
-    _lbfgs([free, a, b], closure_loss, problem, max_evals)
+    _lbfgs([free, a, b], lambda: problem.loss(*current()), problem, max_evals, plan_of=current)
     problem.log(f"joint: {time.monotonic() - start:.1f} s")
     return torch.cat([log_tau[:1], free.detach()]).exp(), a.detach(), (b * mask).detach()
 
@@ -378,7 +391,8 @@ def dc_solver(problem: Problem, max_evals: int = 60, order: int = 3):
             rows.append(row)
         return torch.stack(rows)
 
-    _lbfgs([rho], lambda: problem.loss(tau0, alpha, compensated(rho)), problem, max_evals)
+    _lbfgs([rho], lambda: problem.loss(tau0, alpha, compensated(rho)), problem, max_evals,
+           plan_of=lambda: (tau0, alpha, compensated(rho)))
     problem.dc_ratios = rho.detach().tolist()
     return tau0, alpha, compensated(rho).detach()
 

@@ -281,13 +281,16 @@ def plan(solver: str | None = None, *, process=None, nfe: int | None = None, ste
     return spec, sigmas, options, calls
 
 
+_resolve = plan  # `sample` takes a `plan=` argument (a SolverPlan); inside it this name reaches the function
+
+
 def sample(denoiser, noise: Tensor, *, solver: str | None = None, nfe: int | None = None,
            steps: int | None = None, schedule: str | Sequence[float] | Tensor | None = None,
            end: str | None = None, options: dict | None = None, schedule_options: dict | None = None,
            cond: dict | None = None, generator: torch.Generator | Sequence[torch.Generator] | None = None,
            seeds: Sequence[int] | None = None, noise_kind: str | Callable | None = None,
            callback: Callable | None = None, progress: bool = False, return_info: bool = False,
-           sigma_min: float | None = None, sigma_max: float | None = None):
+           sigma_min: float | None = None, sigma_max: float | None = None, plan=None):
     """Solve the probability-flow ODE from noise to data (Song et al. 2021, "Score-Based Generative Modeling
     through SDEs", Eq. 13, in the canonical variables of Karras et al. 2022, Eq. 4).
 
@@ -305,6 +308,9 @@ def sample(denoiser, noise: Tensor, *, solver: str | None = None, nfe: int | Non
     or a list of one generator per sample) or `seeds` (one integer per sample: sample i then depends only on
     seeds[i]; draw the start with `diffkit.noise.randn(shape, seeds=seeds)` for the same guarantee), else
     torch's global generator. Deterministic solvers ignore them.
+
+    `plan` (a `diffkit.SolverPlan` from `diffkit.calibrate`) replaces solver, grid and options: it fixes its call
+    levels and step rule, so give none of solver/steps/schedule/end/options (nfe, if given, must be the plan's).
     """
     if not isinstance(noise, Tensor) or not noise.is_floating_point():
         raise TypeError("noise must be a floating-point tensor of shape (batch, ...)")
@@ -313,9 +319,14 @@ def sample(denoiser, noise: Tensor, *, solver: str | None = None, nfe: int | Non
     if not torch.isfinite(noise.sum()):  # one reduction: any NaN or inf makes the sum non-finite
         raise ValueError("noise contains non-finite values")
     process = getattr(denoiser, "process", None)
+    if plan is not None:
+        return _sample_plan(plan, denoiser, noise, process, nfe=nfe, cond=cond, callback=callback, progress=progress,
+                            return_info=return_info, fixed=dict(solver=solver, steps=steps, schedule=schedule, end=end,
+                                                                options=options, schedule_options=schedule_options,
+                                                                sigma_min=sigma_min, sigma_max=sigma_max))
     if process is None and schedule is None and (sigma_min is None or sigma_max is None):
         raise ValueError("a denoiser without a process needs an explicit sigma grid or sigma_min and sigma_max")
-    spec, sigmas, options, calls = plan(solver, process=process, nfe=nfe, steps=steps, schedule=schedule,
+    spec, sigmas, options, calls = _resolve(solver, process=process, nfe=nfe, steps=steps, schedule=schedule,
                                         end=end, options=options, schedule_options=schedule_options,
                                         sigma_min=sigma_min, sigma_max=sigma_max)
     s0, s_end = float(sigmas[0]), float(sigmas[-1])
@@ -332,10 +343,38 @@ def sample(denoiser, noise: Tensor, *, solver: str | None = None, nfe: int | Non
     out = spec.fn(counter, x, sigmas, **kwargs)
     if nfe is not None and counter.calls > nfe:  # pragma: no cover - a solver bug, never a user error
         raise RuntimeError(f"solver {spec.name!r} made {counter.calls} model calls, above the budget of {nfe}")
-    if s_end > 0 and process is not None:
-        out = out * float(process.alpha(process.t_of_sigma_bar(torch.tensor(s_end, dtype=torch.float64))))
+    out = _to_native(out, process, s_end)
     if return_info:
         return out, {"solver": spec.name, "nfe": counter.calls, "sigmas": sigmas, "options": options}
+    return out
+
+
+def _to_native(out: Tensor, process, s_end: float) -> Tensor:
+    """x̄ at σ̄_end > 0 back to the process's native scale (x = alpha x̄)."""
+    if s_end > 0 and process is not None:
+        out = out * float(process.alpha(process.t_of_sigma_bar(torch.tensor(s_end, dtype=torch.float64))))
+    return out
+
+
+def _sample_plan(plan, denoiser, noise, process, *, nfe, cond, callback, progress, return_info, fixed):
+    from ..calibrate.plan import SolverPlan
+
+    if not isinstance(plan, SolverPlan):
+        raise TypeError(f"plan must be a diffkit.SolverPlan (SolverPlan.load(path) reads a file); got "
+                        f"{type(plan).__name__}")
+    given = [k for k, v in fixed.items() if v is not None]
+    if given:
+        raise ValueError(f"a plan fixes the solver, grid and options; do not also give {', '.join(given)}")
+    plan.check(denoiser, nfe)
+    s0 = plan.sigmas[0]
+    x = noise * s0 if process is None else process.noise_to_canonical(noise, s0).to(noise.dtype)
+    if hasattr(denoiser, "prepare"):
+        denoiser.prepare(torch.tensor(plan.sigmas + [plan.sigma_end], dtype=torch.float64))
+    counter = CallCounter(denoiser)
+    out = _to_native(plan.run(counter, x, cond=cond, callback=callback, progress=progress), process, plan.sigma_end)
+    if return_info:
+        return out, {"solver": f"plan:{plan.method}", "nfe": counter.calls, "sigmas": plan.sigmas + [plan.sigma_end],
+                     "options": {}}
     return out
 
 

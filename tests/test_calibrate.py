@@ -1,0 +1,216 @@
+"""diffkit.calibrate: solver plans (probing, JSON, sampling with a plan) and the calibration methods, checked on
+Gaussian mixtures where the teacher is the exact flow map."""
+
+from __future__ import annotations
+
+import json
+import warnings
+
+import pytest
+import torch
+
+import diffkit
+from diffkit import EDM, VP, Flow, SolverPlan
+from diffkit.calibrate import PlanError, calibrate, methods, plan_error, solver_teacher
+from diffkit.calibrate.plan import run_linear
+from diffkit.calibrate.probe import linear_solvers, plan_tensors
+from diffkit.testbeds import GaussianMixture
+
+from helpers import F64, single_threaded  # noqa: F401
+
+MIX = GaussianMixture.ring(n_modes=4, std=0.2)
+
+
+def gaussian() -> GaussianMixture:
+    """One isotropic Gaussian: its flow map is affine in the start, and a plan can represent it exactly."""
+    return GaussianMixture(torch.tensor([[0.5, -0.3, 0.2]]), torch.tensor([0.4]))
+
+
+def noise(n: int, dim: int, seed: int) -> torch.Tensor:
+    return torch.randn(n, dim, generator=torch.Generator().manual_seed(seed), dtype=F64)
+
+
+# -- plans of the library's solvers -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("process", [EDM(), VP.discrete("scaled_linear"), Flow()], ids=["edm", "vp", "flow"])
+@pytest.mark.parametrize("solver", [s for s in linear_solvers() if s != "pndm"] + [None])
+def test_probed_plan_reproduces_the_solver(process, solver):
+    """Every deterministic solver is a linear rule on its grid: the probed plan gives the solver's samples."""
+    den = MIX.denoiser(process, "eps")
+    z = noise(16, 2, 0)
+    spec, grid, opts, calls = diffkit.solvers.plan(solver, process=process, nfe=8)
+    tau, alpha, B = plan_tensors(spec.name, grid, opts, process)
+    plan = SolverPlan.from_tensors(tau, alpha, B, sigma_end=float(grid[-1]))
+    assert plan.nfe == calls
+    expected = diffkit.sample(den, z, solver=solver, nfe=8)
+    got = diffkit.sample(den, z, plan=plan)
+    torch.testing.assert_close(got, expected, rtol=1e-9, atol=1e-9)
+
+
+def test_plan_respects_budget_and_counts_calls():
+    den = MIX.denoiser(EDM(), "eps")
+    calls = []
+    inner = den.model
+    den.model = lambda x, t, **c: (calls.append(len(x)), inner(x, t, **c))[1]
+    plan = calibrate(den, 5, noises=noise(32, 2, 1), heldout=0, teacher=MIX.flow_map, method="solver")
+    calls.clear()
+    _, info = diffkit.sample(den, noise(8, 2, 2), plan=plan, return_info=True)
+    assert len(calls) == info["nfe"] == plan.nfe == 5
+
+
+def test_sample_with_plan_rejects_conflicting_arguments():
+    den = MIX.denoiser(EDM(), "eps")
+    plan = calibrate(den, 4, noises=noise(16, 2, 1), heldout=0, teacher=MIX.flow_map, method="solver")
+    with pytest.raises(ValueError, match="do not also give solver"):
+        diffkit.sample(den, noise(4, 2, 0), plan=plan, solver="euler")
+    with pytest.raises(PlanError, match="nfe=4"):
+        diffkit.sample(den, noise(4, 2, 0), plan=plan, nfe=6)
+    with pytest.raises(TypeError, match="SolverPlan"):
+        diffkit.sample(den, noise(4, 2, 0), plan={"sigmas": [1.0]})
+
+
+# -- JSON ---------------------------------------------------------------------------------------------------------
+
+
+def test_json_round_trip(tmp_path):
+    den = MIX.denoiser(EDM(), "eps")
+    plan = calibrate(den, 5, noises=noise(32, 2, 1), heldout=noise(32, 2, 2), teacher=MIX.flow_map, method="grid",
+                     budget=10)
+    path = plan.save(tmp_path / "plan.json")
+    back = SolverPlan.load(path)
+    assert back.to_dict() == json.loads(json.dumps(plan.to_dict()))
+    z = noise(8, 2, 3)
+    torch.testing.assert_close(diffkit.sample(den, z, plan=back), diffkit.sample(den, z, plan=plan))
+
+
+@pytest.mark.parametrize("text, match", [
+    ("{not json", "malformed JSON"),
+    ('{"format": "something-else"}', "not a diffkit solver plan"),
+    ('{"format": "diffkit-solver-plan", "version": 99}', "unsupported solver plan version"),
+    ('{"format": "diffkit-solver-plan", "version": 1, "sigmas": [1.0]}', "missing alpha, coeffs"),
+    ('{"format": "diffkit-solver-plan", "version": 1, "sigmas": [2.0, 1.0], "alpha": [0.5, 0.0], '
+     '"coeffs": [[0.5], [1.0]]}', "row 1 must have 2 entries"),
+    ('{"format": "diffkit-solver-plan", "version": 1, "sigmas": [-1.0], "alpha": [0.0], "coeffs": [[1.0]]}',
+     "positive"),
+    ('{"format": "diffkit-solver-plan", "version": 1, "nfe": 3, "sigmas": [1.0], "alpha": [0.0], '
+     '"coeffs": [[1.0]]}', "says nfe 3"),
+])
+def test_malformed_plan_files(tmp_path, text, match):
+    path = tmp_path / "plan.json"
+    path.write_text(text)
+    with pytest.raises(PlanError, match=match):
+        SolverPlan.load(path)
+
+
+def test_plan_for_another_process_or_model_warns():
+    den = MIX.denoiser(EDM(), "eps")
+    plan = calibrate(den, 4, noises=noise(16, 2, 1), heldout=0, teacher=MIX.flow_map, method="solver")
+    other = MIX.denoiser(VP.discrete("linear"), "eps")
+    with pytest.warns(UserWarning, match="fitted to process"):
+        diffkit.sample(other, noise(4, 2, 0), plan=plan)
+    net = torch.nn.Linear(2, 2).double()
+    plan.fingerprint = "0123456789abcdef"
+    wrapped = diffkit.Denoiser(net_model(net), EDM(), "eps")
+    with pytest.warns(UserWarning, match="another model"):
+        diffkit.sample(wrapped, noise(4, 2, 0), plan=plan)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        diffkit.sample(den, noise(4, 2, 0), plan=plan)  # no parameters: nothing to compare
+
+
+class net_model(torch.nn.Module):  # noqa: N801 - a tiny network with weights, for the fingerprint check
+    def __init__(self, net):
+        super().__init__()
+        self.net = net
+
+    def forward(self, x, t, **cond):
+        return self.net(x)
+
+
+# -- calibration -----------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("method", methods())
+def test_calibrated_plan_never_worse_than_its_start(method):
+    """On the calibration noises, every method ends at or below the starting plan's error (and records both)."""
+    den = MIX.denoiser(EDM(), "eps")
+    plan = calibrate(den, 5, noises=noise(48, 2, 1), heldout=noise(32, 2, 2), teacher=MIX.flow_map, method=method,
+                     budget=8)
+    m = plan.metrics
+    assert plan.nfe == 5 and plan.method == method
+    assert m["error"] <= m["start_error"] + 1e-12
+    assert {"heldout_error", "heldout_start_error", "seconds", "neighbours"} <= set(m)
+    assert set(m["neighbours"]) == {"4", "6"}
+
+
+@pytest.mark.parametrize("method", ["joint", "linear_subspace", "grid"])
+def test_single_gaussian_calibration_reaches_near_zero_error(method):
+    """The flow map of one isotropic Gaussian is affine in the start; learned coefficients (and even a grid for
+    DEIS) represent it, so calibration drives the error to ~0, also on held-out noises."""
+    g = gaussian()
+    den = g.denoiser(EDM(), "eps")
+    plan = calibrate(den, 4, noises=noise(64, 3, 1), heldout=noise(64, 3, 2), teacher=g.flow_map, method=method,
+                     budget=20)
+    assert plan.metrics["start_error"] > 0.1
+    assert plan.metrics["error"] < 1e-4
+    assert plan.metrics["heldout_error"] < 1e-4
+
+
+def test_dpm_solver_v3_statistics_on_a_gaussian():
+    """For one Gaussian the EMS slope is l = s²/(s² + σ̄²) and the rescaled residual is its mean: DPM-Solver-v3
+    with the measured statistics is nearly exact where the starting solver is far off."""
+    g = gaussian()
+    den = g.denoiser(EDM(), "eps")
+    plan = calibrate(den, 4, noises=noise(64, 3, 1), heldout=0, teacher=g.flow_map, method="dpm_solver_v3")
+    assert plan.metrics["error"] < 0.03 * plan.metrics["start_error"]
+
+
+def test_calibration_improves_held_out_error_on_a_mixture():
+    den = MIX.denoiser(EDM(), "eps")
+    plan = calibrate(den, 5, noises=noise(256, 2, 1), heldout=noise(256, 2, 2), teacher=MIX.flow_map,
+                     method="joint", budget=30)
+    assert plan.metrics["heldout_error"] < 0.6 * plan.metrics["heldout_start_error"]
+
+
+def test_solver_teacher_matches_exact_flow_map():
+    den = MIX.denoiser(EDM(), "eps")
+    x = EDM().noise_to_canonical(noise(32, 2, 0), 80.0)
+    teacher = solver_teacher(den, nfe=150)
+    ref = MIX.flow_map(x, 80.0, 0.0)
+    assert float((teacher(x, 80.0, 0.0) - ref).norm() / ref.norm()) < 1e-3
+    mid = MIX.flow_map(x, 80.0, 1.0)
+    assert float((teacher(x, 80.0, 1.0) - mid).norm() / mid.norm()) < 1e-3
+
+
+def test_plan_error_and_run_linear_agree():
+    den = MIX.denoiser(EDM(), "eps")
+    plan = calibrate(den, 4, noises=noise(16, 2, 1), heldout=0, teacher=MIX.flow_map, method="solver")
+    x = EDM().noise_to_canonical(noise(16, 2, 5), plan.sigmas[0])
+    out = run_linear(den, x, plan.sigmas, plan.alpha, plan.coeffs)
+    assert plan_error(plan, den, x, out) == 0.0
+
+
+# -- bad input ------------------------------------------------------------------------------------------------------
+
+
+def test_bad_input():
+    den = MIX.denoiser(EDM(), "eps")
+    z = noise(16, 2, 1)
+    with pytest.raises(ValueError, match="unknown calibration method 'nope'; valid: solver, grid"):
+        calibrate(den, 5, noises=z, teacher=MIX.flow_map, method="nope")
+    with pytest.raises(ValueError, match="same shapes"):
+        calibrate(den, 5, noises=z, heldout=0, teacher=lambda x, a, b: x[:, :1])
+    with pytest.raises(ValueError, match="stochastic"):
+        calibrate(den, 5, noises=z, heldout=0, teacher=MIX.flow_map, solver="euler_ancestral")
+    with pytest.raises(ValueError, match="shape="):
+        calibrate(den, 5, noises=16, teacher=MIX.flow_map)
+    with pytest.raises(ValueError, match="held-out noises have shape"):
+        calibrate(den, 5, noises=z, heldout=noise(4, 3, 0), teacher=MIX.flow_map)
+    with pytest.raises(ValueError, match="budget"):
+        calibrate(den, 5, noises=z, teacher=MIX.flow_map, budget=0)
+    with pytest.raises(ValueError, match="heldout_cond"):
+        calibrate(den, 5, noises=z, heldout=8, shape=(2,), cond={"label": torch.zeros(16, dtype=torch.long)},
+                  teacher=MIX.flow_map)
+    with pytest.raises(ValueError, match="process"):
+        calibrate(MIX.denoise, 5, noises=z, teacher=MIX.flow_map)
