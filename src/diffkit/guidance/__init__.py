@@ -3,13 +3,13 @@
 from .base import GuidedDenoiser, batched_call, expand_cond, scale_at
 from .cfg import CFG, AdaptiveGuidance, CFGPlusPlus, LinearAG, fit_linear_ag, null_cond
 from .classifier import (
-                         ClassifierGuidance,
-                         GradientFreeGuidance,
-                         LossGuidance,
-                         MinorityGuidance,
-                         classifier_grad,
-                         minority_score,
-                         native_classifier,
+    ClassifierGuidance,
+    GradientFreeGuidance,
+    LossGuidance,
+    MinorityGuidance,
+    classifier_grad,
+    minority_score,
+    native_classifier,
 )
 from .pag import PAG, attention_layers
 

@@ -34,6 +34,7 @@ from ..models.from_diffusers import DiffusersNetwork
 from ..models.layers import SelfAttention
 from ..solvers.base import evaluate
 from .base import GuidedDenoiser, batched_call, scale_at
+from .cfg import null_cond
 
 Tensor = torch.Tensor
 
@@ -194,8 +195,9 @@ class PAG(GuidedDenoiser):
     def __init__(self, denoiser, scale: float | Callable, *, layers: str | Sequence[str] | None = None,
                  cfg_scale: float | Callable | None = None, uncond: dict | None = None):
         super().__init__(denoiser)
-        uncond = _null_cond(denoiser) if uncond is None else uncond
-        if cfg_scale is not None and uncond is None:
+        if uncond is None and cfg_scale is not None:
+            uncond = null_cond(denoiser)  # ValueError when the model has no unconditional path
+        if cfg_scale is not None and uncond is None:  # pragma: no cover - null_cond raises first
             raise ValueError("PAG with cfg_scale needs uncond=, the unconditional conditioning (e.g. {'label': -1} "
                              "for diffkit's null class, {'encoder_hidden_states': empty_prompt} for diffusers)")
         self.scale, self.cfg_scale, self.uncond = scale, cfg_scale, dict(uncond or {})
@@ -286,21 +288,6 @@ class PAG(GuidedDenoiser):
 
     def __repr__(self):
         return f"PAG(scale={self.scale!r}, layers={self.layers}, cfg_scale={self.cfg_scale!r}, {self.denoiser!r})"
-
-
-def _null_cond(denoiser, max_depth: int = 16) -> dict | None:
-    """The unconditional conditioning under a denoiser ("Classifier-Free Diffusion Guidance", Ho & Salimans 2022,
-    Sec. 3.2): the first `null_cond` dict on it or on what it wraps, or {"label": -1} at a diffkit model with a
-    class embedding (its null class); None if there is none."""
-    obj = denoiser
-    for _ in range(max_depth):
-        if obj is None or isinstance(getattr(obj, "null_cond", None), dict):
-            return None if obj is None else dict(obj.null_cond)
-        if getattr(obj, "class_embed", None) is not None:
-            return {"label": -1}
-        nxt = getattr(obj, "model", None)
-        obj = nxt if nxt is not None else getattr(obj, "denoiser", None)
-    return None
 
 
 def _equals(scale, value: float) -> bool:
