@@ -131,23 +131,29 @@ def save_classifier(folder, model: DigitsClassifier, record: dict) -> Path:
 _CACHE: dict = {}
 
 
-def load_classifier(folder=None) -> DigitsClassifier:
-    """The digits classifier stored in `folder` (default: the shipped one), in eval mode; cached per folder."""
+def load_frozen(folder, cls, what: str):
+    """An `nn.Module` of class `cls` stored as `folder`/config.json ("model": constructor arguments, "tensors":
+    file, size and sha256) + safetensors weights, in eval mode with frozen weights; cached per folder."""
     from .checkpoint import CheckpointError, load_tensors
 
-    folder = Path(folder or ASSET)
-    key = str(folder.resolve())
+    folder = Path(folder)
+    key = (cls.__name__, str(folder.resolve()))
     if key not in _CACHE:
         cfg_path = folder / "config.json"
         if not cfg_path.exists():
-            raise CheckpointError(f"no digits classifier at {str(folder)!r} (config.json missing)")
+            raise CheckpointError(f"no {what} at {str(folder)!r} (config.json missing)")
         meta = json.loads(cfg_path.read_text())
         info = meta.get("tensors", {})
         state = load_tensors(folder / info.get("file", "model.safetensors"), info.get("size"), info.get("sha256"))
-        model = DigitsClassifier(**meta["model"])
+        model = cls(**meta["model"])
         model.load_state_dict(state)
         _CACHE[key] = model.eval().requires_grad_(False)
     return _CACHE[key]
+
+
+def load_classifier(folder=None) -> DigitsClassifier:
+    """The digits classifier stored in `folder` (default: the shipped one), in eval mode; cached per folder."""
+    return load_frozen(folder or ASSET, DigitsClassifier, "digits classifier")
 
 
 def main(argv=None) -> int:

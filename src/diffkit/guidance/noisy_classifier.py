@@ -161,27 +161,12 @@ def save_noisy_classifier(folder, model: NoisyDigitsClassifier, record: dict) ->
     return folder
 
 
-_CACHE: dict = {}
-
-
 def load_noisy_classifier(folder=None) -> NoisyDigitsClassifier:
     """The noise-conditional digits classifier in `folder` (default: the shipped one), in eval mode with frozen
     weights, callable as (x_bar, sigma_bar) -> logits (N, 10); cached per folder."""
-    from ..checkpoint import CheckpointError, load_tensors
+    from ..classifier import load_frozen
 
-    folder = Path(folder or ASSET)
-    key = str(folder.resolve())
-    if key not in _CACHE:
-        cfg_path = folder / "config.json"
-        if not cfg_path.exists():
-            raise CheckpointError(f"no noisy digits classifier at {str(folder)!r} (config.json missing)")
-        meta = json.loads(cfg_path.read_text())
-        info = meta.get("tensors", {})
-        state = load_tensors(folder / info.get("file", "model.safetensors"), info.get("size"), info.get("sha256"))
-        model = NoisyDigitsClassifier(**meta["model"])
-        model.load_state_dict(state)
-        _CACHE[key] = model.eval().requires_grad_(False)
-    return _CACHE[key]
+    return load_frozen(folder or ASSET, NoisyDigitsClassifier, "noisy digits classifier")
 
 
 def main(argv=None) -> int:
