@@ -11,7 +11,7 @@ import pytest
 from diffkit.benchmark import write_block
 from diffkit.cli import SHIPPED, main
 
-SUBCOMMANDS = ("demo", "sample", "train", "bench", "info", "solvers", "schedules")
+SUBCOMMANDS = ("demo", "sample", "calibrate", "train", "bench", "info", "solvers", "schedules")
 
 
 def one_line_error(capsys, argv, match):
@@ -116,3 +116,31 @@ def test_entry_point_runs():
                        text=True)
     assert r.returncode == 2 and r.stderr.strip() == "diffkit: error: class 99 out of range: the model has classes 0..9"
     assert "Traceback" not in r.stderr
+
+
+def test_calibrate_then_sample_with_the_plan(tmp_path, capsys):
+    plan = tmp_path / "plan.json"
+    assert main(["calibrate", "--nfe", "4", "--method", "solver", "--noises", "8", "--heldout", "0",
+                 "--teacher-nfe", "6", "--out", str(plan), "--no-progress"]) == 0
+    assert "wrote" in capsys.readouterr().out and plan.exists()
+    assert main(["sample", "--plan", str(plan), "--class", "1", "--n", "2", "--out", str(tmp_path / "s"),
+                 "--no-progress"]) == 0
+    meta = json.loads((tmp_path / "s" / "sample.json").read_text())
+    assert meta["nfe"] == 4 and meta["solver"] == "plan:solver" and meta["plan"] == str(plan)
+
+
+@pytest.mark.parametrize("argv, match", [
+    (["sample", "--plan", "/no/such/plan.json"], "plan.json"),
+    (["sample", "--plan", "PLAN", "--solver", "heun"], "--plan fixes"),
+    (["calibrate", "--nfe", "4", "--method", "nosuch"], "unknown calibration method"),
+])
+def test_plan_bad_input(tmp_path, argv, match, capsys):
+    (tmp_path / "bad.json").write_text("{not json")
+    argv = [str(tmp_path / "bad.json") if a == "PLAN" else a for a in argv]
+    one_line_error(capsys, argv, match)
+
+
+def test_malformed_plan_file_is_one_line(tmp_path, capsys):
+    bad = tmp_path / "bad.json"
+    bad.write_text("{not json")
+    one_line_error(capsys, ["sample", "--plan", str(bad)], "malformed JSON")

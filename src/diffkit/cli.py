@@ -236,7 +236,7 @@ def _cmd_bench(args) -> int:
 def _cmd_calibrate(args) -> int:
     import torch
 
-    from .calibrate import calibrate, methods
+    from .calibrate import calibrate, methods, solver_teacher
     from .checkpoint import load_model
     from .denoiser import Denoiser
     from .noise import randn
@@ -259,7 +259,8 @@ def _cmd_calibrate(args) -> int:
     noise, cond = draw(args.noises, 0)
     held, held_cond = draw(args.heldout, 500_000) if args.heldout else (0, None)
     plan = calibrate(den, args.nfe, solver=args.solver, noises=noise, heldout=held, method=args.method,
-                     budget=args.budget, cond=cond, heldout_cond=held_cond, verbose=not args.no_progress)
+                     budget=args.budget, cond=cond, heldout_cond=held_cond, verbose=not args.no_progress,
+                     teacher=solver_teacher(den, nfe=args.teacher_nfe))
     plan.metrics["model"] = str(args.model)
     plan.save(args.out)
     m = plan.metrics
@@ -353,6 +354,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--noises", type=_positive, default=256, help="calibration noises (default: %(default)s)")
     p.add_argument("--heldout", type=int, default=256, help="held-out noises, only measured (default: %(default)s)")
     p.add_argument("--budget", type=float, default=90.0, help="optimiser wall time in seconds (default: %(default)s)")
+    p.add_argument("--teacher-nfe", type=_positive, default=100,
+                   help="model calls of the teacher's high-accuracy solve (default: %(default)s)")
     p.add_argument("--seed", type=int, default=0, help="noise seed")
     p.add_argument("--device", default="cpu", help="torch device")
     p.add_argument("--out", default="plan.json", help="plan file to write (default: %(default)s)")
