@@ -106,9 +106,11 @@ def test_malformed_plan_files(tmp_path, text, match):
 def test_plan_for_another_process_or_model_warns():
     den = MIX.denoiser(EDM(), "eps")
     plan = calibrate(den, 4, noises=noise(16, 2, 1), heldout=0, teacher=MIX.flow_map, method="solver")
-    other = MIX.denoiser(VP.discrete("linear"), "eps")
+    other = MIX.denoiser(EDM(sigma_data=0.3), "eps")  # same range, another configuration: runs, with a warning
     with pytest.warns(UserWarning, match="fitted to process"):
         diffkit.sample(other, noise(4, 2, 0), plan=plan)
+    with pytest.raises(PlanError, match="plan for another process"):  # levels outside its range
+        diffkit.sample(MIX.denoiser(VP.discrete("scaled_linear"), "eps"), noise(4, 2, 0), plan=plan)
     net = torch.nn.Linear(2, 2).double()
     plan.fingerprint = "0123456789abcdef"
     wrapped = diffkit.Denoiser(net_model(net), EDM(), "eps")

@@ -146,12 +146,20 @@ class SolverPlan:
 
     # -- use -----------------------------------------------------------------------------------------------------
     def check(self, denoiser, nfe: int | None = None) -> None:
-        """Errors for a plan used at another budget; warnings for another process or model than it was fitted to
-        (the plan still runs: its levels are canonical σ̄)."""
+        """Errors for a plan used at another budget or with a process whose σ̄ range does not hold the plan's levels
+        (a plan for another process); warnings for another process configuration or model than it was fitted to
+        when the levels fit (the plan still runs: its levels are canonical σ̄)."""
         if nfe is not None and nfe != self.nfe:
             raise PlanError(f"this plan was calibrated for nfe={self.nfe}; got nfe={nfe} (calibrate a plan for "
                             f"that budget, or leave nfe out)")
         process = getattr(denoiser, "process", None)
+        if process is not None:
+            lo, hi = process.sigma_bar_min, process.sigma_bar_max
+            top, bottom = max(self.sigmas), min(self.sigmas + ([self.sigma_end] if self.sigma_end > 0 else []))
+            if top > hi * (1 + 1e-6) or bottom < lo * (1 - 1e-6):
+                raise PlanError(f"this plan's noise levels [{bottom:.4g}, {top:.4g}] lie outside the denoiser's "
+                                f"process range [{lo:.4g}, {hi:.4g}]: it is a plan for another process "
+                                f"({self.process})")
         if self.process is not None and process is not None and process.config() != self.process:
             warnings.warn(f"solver plan was fitted to process {self.process}, but the denoiser's is "
                           f"{process.config()}: its levels and coefficients may not suit this model", stacklevel=3)
