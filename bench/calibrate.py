@@ -1,0 +1,771 @@
+#!/usr/bin/env python
+"""Calibrated solver plans (`diffkit.calibrate`) against the best fixed-schedule diffkit solver and the best
+diffusers / k-diffusion configuration (issue 7).
+
+Mixtures: the three testbeds of bench/solvers.py (ring2d EDM, random16d SD-VP, random64d EDM) and two not used while
+the calibration methods were developed (grid2d: `GaussianMixture.grid()` under rectified flow; random32d:
+`GaussianMixture.random(32, seed=7)` under continuous linear VP). Every contender starts from the same held-out
+noises (bench/solvers.py's held-out set) and is scored by `rel_err` against the exact flow map. Plans are calibrated
+on 1024 other noises against `solver_teacher(den, nfe=300)`; the exact flow map is only the evaluation reference.
+Digits: the shipped class-conditional model; Fréchet distance and classifier accuracy of 500 samples, a plan at
+NFE 6 (5, 8) against anchors at NFE 6, 8, 10. Writes bench/results/calibrate.json, bench/figures/calibrate.png
+and the `bench/calibrate.py` block of BENCHMARKS.md.
+
+    python bench/calibrate.py              # full run (about 35 min on 2 cores)
+    python bench/calibrate.py --quick      # smoke run: ring2d, NFE 5, n = 200, prints only (under a minute)
+    python bench/calibrate.py --render     # rebuild the report from bench/results/calibrate.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+import traceback
+import warnings
+from pathlib import Path
+
+import torch
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+sys.path.insert(0, str(HERE))
+
+import anchors as A  # noqa: E402
+import solvers as S  # noqa: E402
+
+import diffkit  # noqa: E402
+from diffkit.testbeds import GaussianMixture  # noqa: E402
+
+F64 = torch.float64
+START, END = "<!-- bench/calibrate.py:start -->", "<!-- bench/calibrate.py:end -->"
+
+# the two mixtures not used while developing the methods: appended to bench/solvers.py's dict (in this process
+# only), so `make_bed` gives them held-out noises from the same seed rule (HELDOUT_SEED + index)
+NEW_BEDS = {
+    "grid2d": ("2-D grid (16 modes), rectified flow, σ̄ ∈ [0.001, 999] (not used in development)",
+               lambda: (GaussianMixture.grid(), diffkit.Flow())),
+    "random32d": ("32-D random mixture (seed 7), continuous linear VP, σ̄ ∈ [0.0105, 152] (not used in development)",
+                  lambda: (GaussianMixture.random(32, seed=7), diffkit.VP.continuous("linear"))),
+}
+S.TESTBEDS.update(NEW_BEDS)
+KEYS = ("ring2d", "random16d", "random64d", "grid2d", "random32d")
+NFES = (4, 5, 6, 8, 10, 12)
+TARGET_NFES = (5, 6, 8, 10)
+METHOD_KEYS = ("ring2d", "random64d")
+CAL_SEED = 3000  # calibration noises: CAL_SEED + testbed index (the evaluation noises are HELDOUT_SEED + index)
+N_CAL = 1024
+TEACHER_NFE = 300
+BUDGET = {"joint": 60.0}
+DEFAULT_BUDGET = 30.0
+ANCHOR_LIBS = ("diffusers", "k-diffusion")
+
+# digits
+DIGITS_N = 500
+DIGITS_SEED = 4000
+DIGITS_CAL = 128
+DIGITS_TEACHER_NFE = 100
+DIGITS_NFES = (6, 8, 10)
+DIGITS_PLANS = (("joint", 6, 180.0), ("linear_subspace", 6, 60.0), ("linear_subspace", 8, 60.0))
+DIGITS_ANCHORS = (  # a subset of bench/anchors.py's configurations (500 UNet samples per run cost ~1 s per call)
+    "diffusers:EDMDPMSolverMultistep(dpmsolver++, order 2, karras)",
+    "diffusers:EDMDPMSolverMultistep(dpmsolver++, order 3, karras)",
+    "diffusers:EDMDPMSolverMultistep(dpmsolver++, order 2, exponential)",
+    "diffusers:EDMDPMSolverMultistep(dpmsolver++, order 3, exponential)",
+    "diffusers:EDMEuler(karras)",
+    "diffusers:DPMSolverMultistep(dpmsolver++, order 2, karras, VP-reparam)",
+    "diffusers:DPMSolverMultistep(dpmsolver++, order 3, karras, VP-reparam)",
+    "diffusers:DPMSolverMultistep(dpmsolver++, order 2, lu_lambdas, VP-reparam)",
+    "diffusers:UniPCMultistep(bh2, order 2, karras, VP-reparam)",
+    "diffusers:UniPCMultistep(bh2, order 3, karras, VP-reparam)",
+    "diffusers:DEISMultistep(order 2, karras, VP-reparam)",
+    "diffusers:DEISMultistep(order 3, karras, VP-reparam)",
+    "k-diffusion:sample_dpmpp_2m(karras)",
+    "k-diffusion:sample_dpmpp_2m(exponential)",
+    "k-diffusion:sample_heun(karras)",
+    "k-diffusion:sample_dpm_fast + final denoise",
+)
+
+
+def fixed_configs() -> list[dict]:
+    """The fixed-schedule diffkit contenders: the default and strong configurations of bench/solvers.py."""
+    out = [{"name": "default", "solver": None, "schedule": None, "end": "zero", "options": {}}]
+    for solver, opts in (("dpmpp_2m", {}), ("dpmpp_3m", {}), ("unipc", {}), ("deis", {"coordinate": "log_sigma"})):
+        label = solver + ("(coordinate=log_sigma)" if opts else "")
+        for schedule in ("karras", "logsnr"):
+            for end in ("zero", "sigma_min"):
+                out.append({"name": f"{label} / {schedule} / {end}", "solver": solver, "schedule": schedule,
+                            "end": end, "options": opts, "label": label})
+    out.append({"name": "dpm_solver_3 / logsnr / sigma_min", "solver": "dpm_solver_3", "schedule": "logsnr",
+                "end": "sigma_min", "options": {}, "label": "dpm_solver_3"})
+    return out
+
+
+# ------------------------------------------------------------------------------------------------------------
+# mixture tasks
+# ------------------------------------------------------------------------------------------------------------
+
+
+def cal_noise(key: str, n: int) -> torch.Tensor:
+    dim = S.bed(key, True).mixture.dim
+    seed = CAL_SEED + list(S.TESTBEDS).index(key)
+    return torch.randn(n, dim, generator=torch.Generator().manual_seed(seed), dtype=F64)
+
+
+def own_err(rec: dict) -> float:
+    """Error against the exact flow map at the configuration's own end level (σ̄_min-ending configurations
+    against the flow map to σ̄_min, the others against σ̄ = 0)."""
+    if rec.get("end_sigma", 0.0) > 0 and "err_end" in rec:
+        return rec["err_end"]
+    return rec.get("err", math.inf)
+
+
+def _plan_task(task):
+    key, nfe, method, budget = task
+    torch.set_num_threads(1)
+    b = S.bed(key, True)
+    rec = {"kind": "plan", "testbed": key, "library": "diffkit-calibrated", "config": f"plan:{method}",
+           "method": method, "budget": nfe, "calibration_budget_s": budget, "status": "ok"}
+    t0 = time.perf_counter()
+    try:
+        den = b.mixture.denoiser(b.process, "eps")
+        teacher = diffkit.calibrate.solver_teacher(den, nfe=G["teacher_nfe"])
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            plan = diffkit.calibrate(den, nfe, noises=cal_noise(key, G["n_cal"]), heldout=b.noise, teacher=teacher,
+                                     method=method, budget=budget)
+        rec["load_after"] = os.getloadavg()[0]
+        model = A.Counted(b.mixture.model(b.process, "eps"))
+        cden = diffkit.Denoiser(model, b.process, "eps")
+        out, info = diffkit.sample(cden, b.noise, plan=plan, return_info=True)
+        s_end = float(plan.sigma_end)
+        scale = 1.0
+        if s_end > 0:
+            scale = float(b.process.alpha(b.process.t_of_sigma_bar(torch.tensor(s_end, dtype=F64))))
+        rec.update(nfe=model.calls, end_sigma=s_end, err=S.rel_err(out, S.ref_at(key, True, 0.0)),
+                   metrics=plan.metrics, plan={k: v for k, v in plan.to_dict().items() if k != "metrics"})
+        if s_end > 0:
+            rec["err_end"] = S.rel_err(out / scale, S.ref_at(key, True, s_end))
+        if model.calls != nfe:
+            rec["problems"] = [f"plan made {model.calls} calls for nfe={nfe}"]
+        m = plan.metrics
+        rec["calibration_seconds"] = m["seconds"] + m["teacher_seconds"]
+    except Exception as e:  # noqa: BLE001 - recorded and reported
+        rec.update(status="error", message=f"{type(e).__name__}: {e}"[:300],
+                   traceback=traceback.format_exc(limit=4)[-1000:])
+    rec["seconds"] = time.perf_counter() - t0
+    return [rec]
+
+
+def _fixed_task(task):
+    key, kind, idx, budgets = task
+    recs = S._config_task((key, kind, idx, True, budgets))
+    for r in recs:
+        r["kind"] = kind
+    return recs
+
+
+# ------------------------------------------------------------------------------------------------------------
+# digits
+# ------------------------------------------------------------------------------------------------------------
+
+
+class DigitsNet:
+    """The digits denoiser dressed as a mixture for bench/anchors.py: `denoise(x̄, σ̄)` with the labels of the
+    evaluation batch bound, and `model(process, prediction)` the same adapter the mixtures use (GaussianMixture.model
+    only needs `denoise` and `null_cond`)."""
+
+    null_cond = None
+    model = GaussianMixture.model
+
+    def __init__(self, den, labels):
+        self.den, self.labels = den, labels
+
+    def denoise(self, x_bar, sigma_bar, label=None):
+        s = torch.as_tensor(sigma_bar, dtype=torch.float32)
+        if s.ndim == 0:
+            s = s.expand(x_bar.shape[0])
+        with torch.no_grad():
+            return self.den(x_bar.to(torch.float32), s.reshape(-1), label=self.labels).to(x_bar.dtype)
+
+
+def digits_setup():
+    if "digits" not in G:
+        from diffkit.demo import digits_model
+
+        den = digits_model()
+        g = torch.Generator().manual_seed(DIGITS_SEED)
+        noise = torch.randn(G["digits_n"], 1, 16, 16, generator=g)
+        labels = torch.arange(G["digits_n"]) % 10
+        G["digits"] = (den, noise, labels)
+    return G["digits"]
+
+
+def digits_scores(x, labels) -> dict:
+    from diffkit.image_metrics import classifier_accuracy, frechet_digits_distance
+
+    x = x.to(torch.float32)
+    if not torch.isfinite(x).all():
+        return {"fd": math.inf, "accuracy": 0.0}
+    return {"fd": frechet_digits_distance(x), "accuracy": classifier_accuracy(x, labels)}
+
+
+def _digits_task(task):
+    kind = task[0]
+    torch.set_num_threads(1)
+    den, noise, labels = digits_setup()
+    recs = []
+    if kind == "plan":
+        _, method, nfe, budget = task
+        rec = {"kind": "digits", "library": "diffkit-calibrated", "config": f"plan:{method}", "method": method,
+               "budget": nfe, "calibration_budget_s": budget, "status": "ok"}
+        t0 = time.perf_counter()
+        try:
+            g = torch.Generator().manual_seed(DIGITS_SEED + 1)
+            # float64 calibration noises: linear_subspace (and joint, which calls it) fails on float32 states
+            # (`torch.linalg.solve` of float32 features against the float64 starting coefficients); see the report
+            cal = torch.randn(G["digits_cal"], 1, 16, 16, generator=g, dtype=F64)
+            cal_labels = torch.arange(G["digits_cal"]) % 10
+            teacher = diffkit.calibrate.solver_teacher(den, nfe=DIGITS_TEACHER_NFE)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                plan = diffkit.calibrate(den, nfe, noises=cal, heldout=0, teacher=teacher, method=method,
+                                         budget=budget, cond={"label": cal_labels})
+                with torch.no_grad():
+                    x = diffkit.sample(den, noise, plan=plan, cond={"label": labels})
+            rec.update(nfe=plan.nfe, metrics=plan.metrics, plan={k: v for k, v in plan.to_dict().items()
+                                                                 if k != "metrics"}, **digits_scores(x, labels))
+            rec["calibration_seconds"] = plan.metrics["seconds"] + plan.metrics["teacher_seconds"]
+        except Exception as e:  # noqa: BLE001
+            rec.update(status="error", message=f"{type(e).__name__}: {e}"[:300],
+                       traceback=traceback.format_exc(limit=4)[-1000:])
+        rec["seconds"] = time.perf_counter() - t0
+        return [rec]
+    _, name, budgets = task
+    for nfe in budgets:
+        rec = {"kind": "digits", "config": name, "budget": nfe, "status": "ok"}
+        t0 = time.perf_counter()
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                if name == "default":
+                    rec["library"] = "diffkit"
+                    with torch.no_grad():
+                        x, info = diffkit.sample(den, noise, nfe=nfe, cond={"label": labels}, return_info=True)
+                    rec.update(nfe=info["nfe"], resolved=info.get("solver"))
+                else:
+                    net = DigitsNet(den, labels)
+                    x_bar0 = den.process.noise_to_canonical(noise.to(F64), den.process.sigma_bar_max)
+                    cfg = next(c for c in A.anchors(net, den.process, x_bar0) if c.name == name)
+                    rec["library"] = cfg.library
+                    run = cfg.run(nfe)
+                    if run.end_sigma > 0:
+                        raise ValueError("ends at sigma_min")  # only configurations ending at σ̄ = 0 are listed
+                    x = run.out / run.scale
+                    rec["nfe"] = run.nfe
+            rec.update(digits_scores(x, labels))
+        except ValueError as e:
+            rec.update(status="n/a", message=str(e).splitlines()[0][:200])
+        except Exception as e:  # noqa: BLE001
+            rec.update(status="error", message=f"{type(e).__name__}: {e}"[:300],
+                       traceback=traceback.format_exc(limit=4)[-1000:])
+        rec["seconds"] = time.perf_counter() - t0
+        recs.append(rec)
+    return recs
+
+
+# ------------------------------------------------------------------------------------------------------------
+# running
+# ------------------------------------------------------------------------------------------------------------
+
+G: dict = {}
+
+
+def _task(task):
+    kind = task[0]
+    try:
+        if kind == "plan":
+            return _plan_task(task[1:])
+        if kind in ("diffkit", "anchor"):
+            return _fixed_task(task[1:])
+        if kind == "digits":
+            return _digits_task(task[1:])
+        raise ValueError(kind)
+    except Exception as e:  # noqa: BLE001
+        return [{"kind": "crash", "task": repr(task), "status": "error", "message": f"{type(e).__name__}: {e}",
+                 "traceback": traceback.format_exc(limit=4)[-1000:]}]
+
+
+def _ref(args):
+    return S._reference_task(args)
+
+
+def build_tasks(args) -> list[tuple]:
+    tasks = []
+    keys, nfes = args.keys, args.nfes
+    # longest first (calibrations, then the digits samples, then the cheap fixed configurations)
+    if args.digits:
+        for method, nfe, budget in DIGITS_PLANS:
+            tasks.append(("digits", "plan", method, nfe, budget * args.budget_scale))
+    for key in keys:
+        for nfe in nfes:
+            tasks.append(("plan", key, nfe, "joint", BUDGET["joint"] * args.budget_scale))
+    for key in args.method_keys:
+        for nfe in args.method_nfes:
+            for method in diffkit.calibrate.methods():
+                if method == "joint" and nfe in nfes and key in keys:
+                    continue
+                b = BUDGET.get(method, DEFAULT_BUDGET) * args.budget_scale
+                tasks.append(("plan", key, nfe, method, b))
+    if args.digits:
+        for name in ("default",) + DIGITS_ANCHORS:
+            tasks.append(("digits", "fixed", name, DIGITS_NFES))
+    for key in keys:
+        for idx in range(len(S.G["diffkit"])):
+            tasks.append(("diffkit", key, "diffkit", idx, nfes))
+        for idx in range(len(S.anchor_configs(key, True))):
+            tasks.append(("anchor", key, "anchor", idx, nfes))
+    return tasks
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="ring2d, NFE 5, n = 200, short budgets, no files written "
+                    "(under a minute)")
+    ap.add_argument("--jobs", type=int, default=2, help="worker processes (default 2)")
+    ap.add_argument("--n", type=int, default=1000, help="held-out noises per mixture")
+    ap.add_argument("--no-digits", dest="digits", action="store_false")
+    ap.add_argument("--render", action="store_true", help="rebuild the report from the saved JSON")
+    ap.add_argument("--json", default=str(HERE / "results" / "calibrate.json"))
+    args = ap.parse_args(argv)
+    json_path, fig_path, md_path = Path(args.json), HERE / "figures" / "calibrate.png", ROOT / "BENCHMARKS.md"
+    if args.render:
+        data = json.loads(json_path.read_text())
+        report(data, fig_path, md_path)
+        return 0
+    args.keys, args.nfes, args.method_keys, args.method_nfes = KEYS, NFES, METHOD_KEYS, (6,)
+    args.budget_scale = 1.0
+    G.update(n_cal=N_CAL, teacher_nfe=TEACHER_NFE, digits_n=DIGITS_N, digits_cal=DIGITS_CAL)
+    if args.quick:
+        args.n, args.keys, args.nfes, args.method_keys, args.digits = 200, ("ring2d",), (5,), ("ring2d",), False
+        args.method_nfes, args.budget_scale = (5,), 0.2
+        G.update(n_cal=256)
+    S.G.update(n=args.n, quick=False, diffkit=fixed_configs())
+    torch.set_num_threads(1)
+    t_start, load0 = time.time(), os.getloadavg()
+    print(f"load average at start: {load0}", flush=True)
+
+    # exact references (parent, before the pool forks: the workers inherit them)
+    ref_tasks = [(k, True, s) for k in args.keys for s in (0.0, S.bed(k, True).s_min)]
+    pool = S._pool(args.jobs)
+    for k, ref, secs in S._imap(pool, _ref, ref_tasks):
+        S.G["refs"][k] = ref
+        print(f"  reference {k}: {secs:.1f} s", flush=True)
+    if pool is not None:
+        pool.close()
+        pool.join()
+
+    tasks = build_tasks(args)
+    print(f"{len(tasks)} tasks on {args.jobs} workers", flush=True)
+    records, loads = [], [load0[0]]
+    pool = S._pool(args.jobs)
+    done = 0
+    for recs in S._imap(pool, _task, tasks):
+        done += 1
+        records.extend(recs)
+        for r in recs:
+            if r["kind"] in ("plan", "digits") and "method" in r or r["status"] == "error":
+                extra = (f"err {own_err(r):.3g}" if r["kind"] == "plan" and r["status"] == "ok" else
+                         f"fd {r.get('fd', float('nan')):.3g}" if r["status"] == "ok" else r.get("message", ""))
+                print(f"  [{done}/{len(tasks)} {time.time() - t_start:.0f}s] {r.get('testbed', 'digits')} "
+                      f"{r['config']} nfe {r.get('budget')}: {r['status']} {extra} "
+                      f"({r.get('seconds', 0):.0f} s)", flush=True)
+        if done % 20 == 0:
+            loads.append(os.getloadavg()[0])
+    if pool is not None:
+        pool.close()
+        pool.join()
+    wall = time.time() - t_start
+    meta = {"command": "python bench/calibrate.py" + (" --quick" if args.quick else "") +
+            (f" --jobs {args.jobs}" if args.jobs != 2 else ""), "quick": args.quick, "jobs": args.jobs,
+            "n": args.n, "n_cal": G["n_cal"], "teacher_nfe": G["teacher_nfe"], "wall_s": wall,
+            "load_start": list(load0), "load_end": list(os.getloadavg()),
+            "load_max_sampled": max(loads), "machine": S.machine(), "revision": S.git_revision(),
+            "keys": list(args.keys), "nfes": list(args.nfes), "method_keys": list(args.method_keys),
+            "method_nfes": list(args.method_nfes), "titles": {k: S.TESTBEDS[k][0] for k in args.keys},
+            "digits": args.digits, "digits_n": DIGITS_N, "digits_cal": DIGITS_CAL,
+            "digits_teacher_nfe": DIGITS_TEACHER_NFE, "budgets": {"joint": BUDGET["joint"] * args.budget_scale,
+                                                                 "others": DEFAULT_BUDGET * args.budget_scale}}
+    for r in records:
+        r.pop("traceback", None) if r["status"] != "error" else None
+    data = {"meta": meta, "records": records}
+    print(f"wall {wall:.0f} s", flush=True)
+    if args.quick:
+        print(markdown(data, None))
+        return 0
+    json_path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = json_path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(S._rounded(data), indent=1) + "\n")
+    os.replace(tmp, json_path)
+    report(data, fig_path, md_path)
+    return 0
+
+
+# ------------------------------------------------------------------------------------------------------------
+# analysis and report
+# ------------------------------------------------------------------------------------------------------------
+
+
+def _ok(r):
+    return r["status"] == "ok" and math.isfinite(r.get("err", math.inf))
+
+
+def best(records, key, nfe, kinds, metric=own_err, pred=None):
+    c = [r for r in records if r.get("testbed") == key and r["budget"] == nfe and r["kind"] in kinds and _ok(r)
+         and (pred is None or pred(r))]
+    return min(c, key=lambda r: (metric(r), r["config"])) if c else None
+
+
+def summarise(records, keys, nfes, metric=own_err):
+    out = {}
+    for key in keys:
+        rows = []
+        for nfe in nfes:
+            p = best(records, key, nfe, ("plan",), metric)
+            d = best(records, key, nfe, ("diffkit",), metric)
+            a = best(records, key, nfe, ("anchor",), metric)
+            j = best(records, key, nfe, ("plan",), metric, lambda r: r["method"] == "joint")
+            dflt = best(records, key, nfe, ("diffkit",), metric, lambda r: r["config"] == "default")
+            rows.append({"nfe": nfe, "plan": p, "joint": j, "fixed": d, "anchor": a, "default": dflt})
+        out[key] = rows
+    return out
+
+
+def targets(data, metric=own_err):
+    recs, meta = data["records"], data["meta"]
+    summ = summarise(recs, meta["keys"], meta["nfes"], metric)
+    res = {}
+    fails, worst = [], 0.0
+    for key in meta["keys"]:
+        for row in summ[key]:
+            if row["nfe"] not in TARGET_NFES:
+                continue
+            p, a = row["plan"], row["anchor"]
+            if p is None or a is None:
+                fails.append(f"{key} NFE {row['nfe']}: missing")
+                continue
+            ratio = metric(p) / metric(a)
+            worst = max(worst, ratio)
+            if not ratio <= 0.33:
+                fails.append(f"{key} NFE {row['nfe']}: {ratio:.2f}")
+    res["1"] = {"title": "best calibrated plan ≤ 0.33 × best anchor (held-out) at NFE 5, 6, 8, 10, every mixture",
+                "pass": not fails, "worst_ratio": worst, "fails": fails}
+    dg = [r for r in recs if r["kind"] == "digits" and r["status"] == "ok"]
+    plans6 = [r for r in dg if r["library"] == "diffkit-calibrated" and r["budget"] == 6]
+    anch10 = [r for r in dg if r["library"] in ANCHOR_LIBS and r["budget"] == 10]
+    if plans6 and anch10:
+        chosen = min(plans6, key=lambda r: r["metrics"]["error"])  # selected on its calibration error
+        a10 = min(anch10, key=lambda r: r["fd"])
+        res["2"] = {"title": "digits: calibrated plan at NFE 6 reaches the FD of the best anchor at NFE 10",
+                    "pass": chosen["fd"] <= a10["fd"], "plan": chosen["config"], "plan_fd": chosen["fd"],
+                    "anchor": a10["config"], "anchor_fd": a10["fd"],
+                    "best_plan_fd_any": min(r["fd"] for r in plans6)}
+    else:
+        res["2"] = {"title": "digits: calibrated plan at NFE 6 reaches the FD of the best anchor at NFE 10",
+                    "pass": None}
+    cal = [r for r in recs if r["kind"] == "plan" and r["status"] == "ok"]
+    if cal:
+        slow = max(cal, key=lambda r: r["calibration_seconds"])
+        res["3"] = {"title": "calibration of a testbed plan under 2 minutes on 2 CPU cores",
+                    "pass": slow["calibration_seconds"] < 120, "max_s": slow["calibration_seconds"],
+                    "max_of": f"{slow['testbed']} {slow['config']} NFE {slow['budget']}",
+                    "max_joint_s": max((r["calibration_seconds"] for r in cal if r["method"] == "joint"), default=None)}
+    return res
+
+
+def _e(r, metric=own_err):
+    return "—" if r is None else f"{metric(r):.2e}"
+
+
+def _name(r):
+    if r is None:
+        return "—"
+    n = r["config"].replace("diffusers:", "").replace("k-diffusion:", "kd:")
+    if r.get("end_sigma", 0) > 0 and "plan" not in n:
+        n += " (σ̄_min end)"
+    return n
+
+
+def _verdict(p):
+    return "n/a" if p is None else ("PASS" if p else "FAIL")
+
+
+def markdown(data, fig_rel) -> str:
+    meta, recs = data["meta"], data["records"]
+    keys, nfes = meta["keys"], meta["nfes"]
+    lines = []
+    w = lines.append
+    summ = summarise(recs, keys, nfes)
+    summ0 = summarise(recs, keys, nfes, metric=lambda r: r.get("err", math.inf))
+    tg, tg0 = targets(data), targets(data, metric=lambda r: r.get("err", math.inf))
+    w("## Calibrated solver plans vs fixed solvers and anchors (`bench/calibrate.py`)")
+    w("")
+    w("Reproduce: `.venv/bin/python bench/calibrate.py` "
+      "(`--quick`: ring2d, NFE 5, under a minute, prints only; `--jobs N` worker processes, default 2; `--render` "
+      "rebuilds this block from `bench/results/calibrate.json`).  ")
+    m = meta["machine"]
+    rev, dirty = meta["revision"]
+    w(f"Run: {m['cpu']}, {m['cores']} cores shared with other jobs, {meta['jobs']} worker processes, one thread "
+      f"each; load average {meta['load_start'][0]:.1f} at start, {meta['load_end'][0]:.1f} at the end, up to "
+      f"{meta['load_max_sampled']:.1f} sampled; wall time {meta['wall_s'] / 60:.1f} min. torch {m['torch']}, "
+      f"diffusers {m['diffusers']}, k-diffusion {m['k_diffusion']}, commit {rev}"
+      + (f" (src files modified in the working tree: {', '.join(dirty)})" if dirty else "") + ".")
+    w("")
+    w("Set-up: every contender starts from the same held-out noises (bench/solvers.py's held-out set, "
+      f"N = {meta['n']} per mixture) and calls the exact mixture network; error = RMS distance to the exact flow "
+      "map divided by the RMS of the reference, **at the configuration's own end level** (σ̄ = 0, or σ̄_min for "
+      "configurations that stop there, e.g. diffkit's default and the plans calibrated from it at NFE ≤ 12, and "
+      "k-diffusion's DPM-Solver-fast); the σ̄ = 0 error of every contender is in the JSON and in the second "
+      f"verdict line below. Plans: `diffkit.calibrate(den, nfe, noises=<{meta['n_cal']} standard-normal noises, "
+      f"seed {CAL_SEED}+index>, heldout=<the evaluation noises>, teacher=solver_teacher(den, nfe="
+      f"{meta['teacher_nfe']}), method=..., budget=...)` with budget {meta['budgets']['joint']:.0f} s for `joint`, "
+      f"{meta['budgets']['others']:.0f} s for the other methods; each starts from diffkit's default for that NFE. "
+      "The exact flow map is only the evaluation reference. Best fixed diffkit: the lowest error over the default "
+      f"and {len(fixed_configs()) - 1} configurations (dpmpp_2m, dpmpp_3m, unipc, deis(log σ) × karras / logsnr × "
+      "end zero / sigma_min, and dpm_solver_3 / logsnr / sigma_min). Best anchor: the lowest error over all of "
+      "bench/anchors.py's diffusers and k-diffusion configurations for that process (VP-reparam included). "
+      "\"Best\" is selected on the evaluation noises for the fixed configurations and anchors (an optimistic "
+      "choice for them); the plan is the best calibrated method at that NFE (joint for NFE ≠ 6).")
+    w("")
+    if tg:
+        w("### Targets")
+        w("")
+        t1 = tg["1"]
+        w(f"1. {t1['title']}: **{_verdict(t1['pass'])}** — worst plan / anchor ratio {t1['worst_ratio']:.3f}"
+          + (f"; failing: {', '.join(t1['fails'])}" if t1["fails"] else "") + ". Against σ̄ = 0 for every "
+          f"contender: {_verdict(tg0['1']['pass'])}, worst ratio {tg0['1']['worst_ratio']:.3f}"
+          + (f" (failing: {', '.join(tg0['1']['fails'])})" if tg0["1"]["fails"] else "") + ".")
+        t2 = tg["2"]
+        if t2.get("pass") is not None:
+            w(f"2. {t2['title']}: **{_verdict(t2['pass'])}** — {t2['plan']} at NFE 6 (the digits plan with the "
+              f"lowest calibration error) FD {t2['plan_fd']:.3f} vs best anchor at NFE 10 "
+              f"({_name({'config': t2['anchor']})}) "
+              f"FD {t2['anchor_fd']:.3f}; best NFE-6 plan FD of any method {t2['best_plan_fd_any']:.3f}.")
+        else:
+            w(f"2. {t2['title']}: not run.")
+        t3 = tg.get("3")
+        if t3:
+            w(f"3. {t3['title']}: **{_verdict(t3['pass'])}** — slowest {t3['max_s']:.0f} s ({t3['max_of']}; "
+              f"slowest joint {t3['max_joint_s']:.0f} s), teacher + optimiser "
+              f"(`metrics['teacher_seconds'] + metrics['seconds']`; the teacher time includes the teacher on the "
+              f"{meta['n']} held-out noises, which only measure), on a machine with load "
+              f"{meta['load_start'][0]:.1f}–{meta['load_max_sampled']:.1f} on 2 cores.")
+        w("")
+    if fig_rel:
+        w(f"![error vs NFE per mixture]({fig_rel})")
+        w("")
+    for key in keys:
+        w(f"### {key}: {meta['titles'][key]}")
+        w("")
+        w("| NFE | best plan | error | best fixed diffkit | error | diffkit default | best anchor | error "
+          "| plan / anchor | plan / anchor at σ̄ = 0 |")
+        w("|---:|---|---:|---|---:|---:|---|---:|---:|---:|")
+        for row, row0 in zip(summ[key], summ0[key]):
+            p, d, a, df = row["plan"], row["fixed"], row["anchor"], row["default"]
+            ratio = f"{own_err(p) / own_err(a):.3f}" if p and a else "—"
+            p0, a0 = row0["plan"], row0["anchor"]
+            ratio0 = f"{p0['err'] / a0['err']:.3f}" if p0 and a0 else "—"
+            w(f"| {row['nfe']} | {_name(p)} | {_e(p)} | {_name(d)} | {_e(d)} | {_e(df)} | {_name(a)} | {_e(a)} | "
+              f"{ratio} | {ratio0} |")
+        w("")
+    # methods
+    mkeys = meta["method_keys"]
+    for nfe in meta["method_nfes"]:
+        w(f"### Calibration methods at NFE {nfe}")
+        w("")
+        w("Held-out error (own end level) of each method's plan, its error on the calibration noises and the "
+          "starting solver's, calibration time (teacher + optimiser) and whether it fell back to the start.")
+        w("")
+        w("| method | " + " | ".join(f"{k} held-out | {k} calibration | {k} s" for k in mkeys) + " |")
+        w("|---|" + "---:|---:|---:|" * len(mkeys))
+        for method in diffkit.calibrate.methods():
+            cells = []
+            for k in mkeys:
+                r = best(recs, k, nfe, ("plan",), pred=lambda r, m=method: r["method"] == m)
+                if r is None:
+                    cells += ["—"] * 3
+                    continue
+                mt = r["metrics"]
+                fb = " (start)" if mt.get("fell_back_to_start") and method != "solver" else ""
+                cells += [f"{own_err(r):.2e}{fb}", f"{mt['error']:.2e}", f"{r['calibration_seconds']:.0f}"]
+            w(f"| {method} | " + " | ".join(cells) + " |")
+        w("")
+        refs = []
+        for k in mkeys:
+            a, d = best(recs, k, nfe, ("anchor",)), best(recs, k, nfe, ("diffkit",))
+            refs.append(f"{k}: best anchor {_e(a)} ({_name(a)}), best fixed diffkit {_e(d)} ({_name(d)})")
+        w("For comparison — " + "; ".join(refs) + ".")
+        w("")
+    # generalisation and neighbours
+    w("### Generalisation, neighbouring budgets and calibration time (joint plans)")
+    w("")
+    w("`metrics` of each joint plan: relative error against the teacher on the calibration noises (start → plan) "
+      "and on the held-out noises (start → plan); held-out / calibration ratio of the plan; the starting solver at "
+      "NFE − 1 and NFE + 1 on the plan's grid resampled (`neighbours`, held-out); seconds = teacher + optimiser.")
+    w("")
+    w("| mixture | NFE | calibration start → plan | held-out start → plan | held-out / calibration | "
+      "neighbours (NFE: held-out error) | teacher s | optimiser s | total s |")
+    w("|---|---:|---|---|---:|---|---:|---:|---:|")
+    for key in keys:
+        for nfe in nfes:
+            r = best(recs, key, nfe, ("plan",), pred=lambda r: r["method"] == "joint")
+            if r is None:
+                continue
+            mt = r["metrics"]
+            nb = ", ".join(f"{k}: {v:.2e}" if isinstance(v, float) else f"{k}: {v}"
+                           for k, v in mt.get("neighbours", {}).items())
+            w(f"| {key} | {nfe} | {mt['start_error']:.2e} → {mt['error']:.2e} | {mt['heldout_start_error']:.2e} → "
+              f"{mt['heldout_error']:.2e} | {mt['heldout_error'] / mt['error']:.2f} | {nb} | "
+              f"{mt['teacher_seconds']:.1f} | {mt['seconds']:.1f} | {r['calibration_seconds']:.1f} |")
+    w("")
+    notes = []
+    for key in keys:
+        for row in summ[key]:
+            j, d = row["joint"], row["fixed"]
+            if j and d and own_err(j) > own_err(d):
+                notes.append(f"{key} NFE {row['nfe']}: joint plan {own_err(j):.2e} is worse than the best fixed "
+                             f"diffkit configuration ({_name(d)}, {own_err(d):.2e}); it starts from the default "
+                             f"(held-out {j['metrics']['heldout_start_error']:.2e} against the teacher) and its "
+                             f"optimiser used {j['metrics']['seconds']:.0f} s of {j['calibration_budget_s']:.0f} s")
+            if j and j["metrics"]["seconds"] < 0.5 * j["calibration_budget_s"] and not j["metrics"].get(
+                    "fell_back_to_start"):
+                lv = ", ".join(f"{s:.3g}" for s in j["plan"]["sigmas"])
+                notes.append(f"{key} NFE {row['nfe']}: the joint optimiser stopped after "
+                             f"{j['metrics']['seconds']:.0f} s of {j['calibration_budget_s']:.0f} s (its evaluation "
+                             f"cap or convergence, not the budget); call levels {lv}")
+    if notes:
+        w("Notes (computed from the records):")
+        w("")
+        for n in notes:
+            w(f"- {n}")
+        w("")
+    # digits
+    dg = [r for r in recs if r["kind"] == "digits"]
+    if dg:
+        w("### Digits model (class-conditional, labels cycling 0..9)")
+        w("")
+        w(f"{meta['digits_n']} samples from the same noises for every contender; FD = Fréchet distance in the digits "
+          "classifier's feature space to the real held-out digits (`frechet_digits_distance`), accuracy = the "
+          "classifier's agreement with the label. Plans: calibrated on "
+          f"{meta['digits_cal']} other noises (labels cycling) against `solver_teacher(den, nfe="
+          f"{meta['digits_teacher_nfe']})`. Anchors: {len(DIGITS_ANCHORS)} of bench/anchors.py's configurations "
+          "driving the same UNet (diffusers EDM schedulers, diffusers VP schedulers through the VP-reparam table, "
+          "k-diffusion with the canonical denoiser). The digits plans are calibrated from float64 noises: with the "
+          "model's float32 states `linear_subspace` (and `joint`, which calls it) stops with a dtype error in "
+          "`torch.linalg.solve` (float32 features against the float64 starting coefficients).")
+        w("")
+        budgets = sorted({r["budget"] for r in dg})
+        w("| contender | " + " | ".join(f"FD @ {b} | acc @ {b}" for b in budgets) + " | calibration s |")
+        w("|---|" + "---:|---:|" * len(budgets) + "---:|")
+        names = []
+        for r in dg:
+            if r["config"] not in names:
+                names.append(r["config"])
+        for name in names:
+            cells = []
+            cs = ""
+            for b in budgets:
+                r = next((r for r in dg if r["config"] == name and r["budget"] == b), None)
+                if r is None or r["status"] != "ok":
+                    cells += ["—" if r is None else r["status"], ""]
+                else:
+                    cells += [f"{r['fd']:.3f}", f"{r['accuracy']:.3f}"]
+                    if "calibration_seconds" in r:
+                        cs = (cs + ", " if cs else "") + f"{r['calibration_seconds']:.0f}"
+            label = _name({"config": name})
+            if name == "default":
+                label = "diffkit default"
+            w(f"| {label} | " + " | ".join(cells) + f" | {cs} |")
+        w("")
+        for b in budgets:
+            an = [r for r in dg if r["status"] == "ok" and r["library"] in ANCHOR_LIBS and r["budget"] == b]
+            if an:
+                a = min(an, key=lambda r: r["fd"])
+                w(f"- best anchor at NFE {b}: {_name(a)}, FD {a['fd']:.3f}")
+        w("")
+    errs = [r for r in recs if r["status"] == "error"]
+    if errs:
+        w("### Errors")
+        w("")
+        for r in errs[:20]:
+            w(f"- {r.get('testbed', 'digits')} {r.get('config', r.get('task'))} NFE {r.get('budget')}: "
+              f"{r.get('message')}")
+        w("")
+    return "\n".join(lines) + "\n"
+
+
+def plot(data, path: Path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    meta, recs = data["meta"], data["records"]
+    keys = meta["keys"]
+    summ = summarise(recs, keys, meta["nfes"])
+    fig, axes = plt.subplots(1, len(keys), figsize=(4.2 * len(keys), 3.8), squeeze=False)
+    for ax, key in zip(axes[0], keys):
+        for field, style, label in (("joint", "o-", "calibrated plan (joint)"), ("fixed", "s--", "best fixed diffkit"),
+                                    ("default", "x:", "diffkit default"), ("anchor", "^-.", "best anchor")):
+            pts = [(row["nfe"], own_err(row[field])) for row in summ[key] if row[field] is not None]
+            if pts:
+                ax.plot(*zip(*pts), style, label=label)
+        mpts = [(r["budget"], own_err(r)) for r in recs if r["kind"] == "plan" and r.get("testbed") == key and _ok(r)
+                and r["method"] != "joint"]
+        if mpts:
+            ax.plot(*zip(*mpts), ".", color="0.5", label="other methods")
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_xticks(meta["nfes"])
+        ax.set_xticklabels([str(n) for n in meta["nfes"]])
+        ax.minorticks_off()
+        ax.set_title(key)
+        ax.set_xlabel("NFE")
+        ax.grid(alpha=0.3)
+    axes[0][0].set_ylabel("relative RMS error (held-out)")
+    axes[0][0].legend(fontsize=7)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.stem + ".tmp.png")
+    fig.savefig(tmp, dpi=100)
+    os.replace(tmp, path)
+    plt.close(fig)
+
+
+def write_markdown(path: Path, section: str):
+    """Replace this script's block of BENCHMARKS.md (append it when missing), atomically."""
+    block = f"{START}\n{section}{END}\n"
+    text = path.read_text() if path.exists() else "# diffkit benchmarks\n"
+    if START in text and END in text:
+        pre, rest = text.split(START, 1)
+        _, post = rest.split(END, 1)
+        text = pre + block + post.lstrip("\n")
+    else:
+        text = text.rstrip("\n") + "\n\n" + block
+    tmp = path.with_name(path.name + ".calibrate.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def report(data, fig_path: Path, md_path: Path):
+    plot(data, fig_path)
+    section = markdown(data, fig_path.relative_to(ROOT).as_posix())
+    write_markdown(md_path, section)
+    print(section)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
