@@ -146,14 +146,15 @@ def test_calibrated_plan_never_worse_than_its_start(method):
     assert set(m["neighbours"]) == {"4", "6"}
 
 
-@pytest.mark.parametrize("method", ["joint", "linear_subspace", "grid"])
-def test_single_gaussian_calibration_reaches_near_zero_error(method):
-    """The flow map of one isotropic Gaussian is affine in the start; learned coefficients (and even a grid for
-    DEIS) represent it, so calibration drives the error to ~0, also on held-out noises."""
+@pytest.mark.parametrize("method, solver, schedule", [("joint", "euler", "karras"),
+                                                      ("linear_subspace", "euler", "karras")])
+def test_single_gaussian_calibration_reaches_near_zero_error(method, solver, schedule):
+    """The flow map of one isotropic Gaussian is affine in the start; learned coefficients represent it, so
+    calibration drives the error to ~0 (from a first-order start), also on held-out noises."""
     g = gaussian()
     den = g.denoiser(EDM(), "eps")
     plan = calibrate(den, 4, noises=noise(64, 3, 1), heldout=noise(64, 3, 2), teacher=g.flow_map, method=method,
-                     budget=20)
+                     budget=20, solver=solver, schedule=schedule, end="sigma_min")
     assert plan.metrics["start_error"] > 0.1
     assert plan.metrics["error"] < 1e-4
     assert plan.metrics["heldout_error"] < 1e-4
@@ -164,8 +165,21 @@ def test_dpm_solver_v3_statistics_on_a_gaussian():
     with the measured statistics is nearly exact where the starting solver is far off."""
     g = gaussian()
     den = g.denoiser(EDM(), "eps")
-    plan = calibrate(den, 4, noises=noise(64, 3, 1), heldout=0, teacher=g.flow_map, method="dpm_solver_v3")
-    assert plan.metrics["error"] < 0.03 * plan.metrics["start_error"]
+    plan = calibrate(den, 4, noises=noise(64, 3, 1), heldout=0, teacher=g.flow_map, method="dpm_solver_v3",
+                     solver="euler", schedule="karras", end="sigma_min")
+    assert plan.metrics["error"] < 0.02 < 0.1 * plan.metrics["start_error"]
+
+
+def test_default_start_is_the_best_candidate():
+    """With no solver named, calibration starts from the candidate solver with the smallest calibration loss."""
+    den = MIX.denoiser(EDM(), "eps")
+    plan = calibrate(den, 6, noises=noise(64, 2, 1), heldout=0, teacher=MIX.flow_map, method="solver")
+    cands = plan.metrics["start_candidates"]
+    assert len(cands) >= 5 and "deis:default" in cands
+    fit_only = calibrate(den, 6, noises=noise(64, 2, 1), heldout=0, teacher=MIX.flow_map, method="solver",
+                         solver="deis", schedule="karras", end="sigma_min", validation=False)
+    assert plan.metrics["start_error"] <= fit_only.metrics["start_error"] + 1e-12
+    assert plan.solver == plan.metrics["start"]["solver"]
 
 
 def test_calibration_improves_held_out_error_on_a_mixture():

@@ -113,6 +113,10 @@ def calibrate(denoiser, nfe: int, *, solver: str | None = None, noises: int | Te
                         opts, grid, process, cond, deadline=time.monotonic() + budget, log=log,
                         x0_val=x0[len(x0) - n_val:] if n_val else None,
                         target_val=target[len(x0) - n_val:] if n_val else None)
+    candidates = {}
+    if solver is None and schedule is None and options is None:  # start from the best of a few fixed solvers
+        spec, grid, opts, candidates = _best_start(problem, process, nfe, end or _default_end(nfe), grid)
+        problem.solver, problem.options, problem.grid = spec.name, opts, grid
     tau0, alpha0, B0 = plan_tensors(spec.name, grid, opts, process)
     meta = dict(sigma_end=sigma_end, solver=spec.name, process=process.config(), fingerprint=fingerprint(denoiser))
     start_plan = SolverPlan.from_tensors(tau0, alpha0, B0, method="solver", **meta)
@@ -139,7 +143,10 @@ def calibrate(denoiser, nfe: int, *, solver: str | None = None, noises: int | Te
     if fell_back:
         plan, err = SolverPlan.from_tensors(tau0, alpha0, B0, method=method, **meta), err0
     metrics = {"calibration_noises": len(x0), "start_error": err0, "error": err, "fell_back_to_start": fell_back,
-               "seconds": round(seconds, 3), "teacher_seconds": round(t_teacher, 3), "grid": problem.grid}
+               "seconds": round(seconds, 3), "teacher_seconds": round(t_teacher, 3), "grid": problem.grid,
+               "start": {"solver": spec.name, "options": opts}}
+    if candidates:
+        metrics["start_candidates"] = candidates
     if xh is not None:
         metrics.update(heldout_noises=len(xh),
                        heldout_start_error=plan_error(start_plan, denoiser, xh, target_h, heldout_cond),
@@ -151,6 +158,46 @@ def calibrate(denoiser, nfe: int, *, solver: str | None = None, noises: int | Te
         metrics["neighbours"] = _neighbours(problem, denoiser, xh, target_h, spec.name, opts, heldout_cond)
     plan.metrics = metrics
     return plan
+
+
+# starting points tried when no solver is named (all one call per step; the default's end is kept)
+START_CANDIDATES = ((None, None, {}), ("dpmpp_2m", "karras", {}), ("dpmpp_2m", "logsnr", {}),
+                    ("dpmpp_3m", "logsnr", {}), ("unipc", "logsnr", {}), ("unipc", "karras", {}),
+                    ("deis", "logsnr", {"coordinate": "log_sigma"}), ("ipndm", "karras", {}))
+
+
+def _close(a: float, b: float) -> bool:
+    return abs(a - b) <= 1e-9 * max(abs(a), abs(b))
+
+
+def _default_end(nfe: int) -> str:
+    from ..solvers import default_for
+
+    return default_for(nfe).end
+
+
+def _best_start(problem, process, nfe, end, default_grid):
+    """The candidate (solver, schedule) with the smallest teacher loss on the calibration noises; the grids share
+    the default's end so that the teacher targets stay valid."""
+    scores, best = {}, None
+    for solver, schedule, options in START_CANDIDATES:
+        try:
+            spec, grid, opts, calls = resolve(solver, process=process, nfe=nfe, schedule=schedule, end=end,
+                                              options=options or None)
+            grid = [float(s) for s in grid]
+            if calls != nfe or not (_close(grid[0], default_grid[0]) and _close(grid[-1], default_grid[-1])):
+                continue
+            grid[0], grid[-1] = default_grid[0], default_grid[-1]  # the teacher's levels exactly
+            tau, alpha, B = plan_tensors(spec.name, grid, opts, process)
+            with torch.no_grad():
+                err = float(problem.loss(tau, alpha, B).sqrt())
+        except ValueError:
+            continue
+        label = f"{spec.name}:{schedule or 'default'}"
+        scores[label] = err
+        if best is None or err < best[0]:
+            best = (err, spec, grid, opts)
+    return best[1], best[2], best[3], scores
 
 
 def _starts(denoiser, noises, heldout, seed, sigma_max, shape):

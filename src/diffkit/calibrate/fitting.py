@@ -125,17 +125,29 @@ class _Stop(Exception):
 # -- grids ------------------------------------------------------------------------------------------------------
 
 
+MIN_GAP = 0.1  # each log-gap keeps at least MIN_GAP / m of the log-range: no bunched levels, no huge coefficients
+
+
+def _gap_fractions(logits: Tensor) -> Tensor:
+    m = len(logits)
+    return MIN_GAP / m + (1 - MIN_GAP) * torch.softmax(logits, 0)
+
+
 def _grid_param(grid: list[float]) -> tuple[Tensor, float, float, bool]:
-    """Free parameters of a grid [σ_0, g_1 .. g_{m-1}, g_last(, 0)]: the softmax logits of the m log-gaps between
-    the fixed first and last positive levels (any logits give a strictly decreasing grid)."""
+    """Free parameters of a grid [σ_0, g_1 .. g_{m-1}, g_last(, 0)]: logits of the m log-gaps between the fixed
+    first and last positive levels, as fractions of the log-range floored at MIN_GAP / m (any logits give a
+    strictly decreasing grid)."""
     to_zero = grid[-1] == 0
     pos = grid[:-1] if to_zero else grid
-    gaps = torch.tensor(np.diff(-np.log(pos)), dtype=F64)
-    return gaps.log(), pos[0], pos[-1], to_zero
+    frac = torch.tensor(np.diff(-np.log(pos)), dtype=F64)
+    frac = frac / frac.sum()
+    m = len(frac)
+    inner = ((frac - MIN_GAP / m) / (1 - MIN_GAP)).clamp_min(1e-3 / m)
+    return inner.log(), pos[0], pos[-1], to_zero
 
 
-def _grid_of(logits: Tensor, first: float, last: float, to_zero: bool) -> Tensor:
-    w = torch.softmax(logits, 0)
+def _grid_of(logits: Tensor, first: float, last: float, to_zero: bool = False) -> Tensor:
+    w = _gap_fractions(logits)
     logs = math.log(first) + (math.log(last) - math.log(first)) * torch.cat([w.new_zeros(1), w.cumsum(0)])
     return logs  # log of the positive levels (the zero end is added by the caller)
 
@@ -325,34 +337,42 @@ def linear_subspace(problem: Problem, ridge: float = 1e-6, init=None):
     with torch.no_grad():
         for j in range(n):
             outs.append(problem.denoiser(x, float(tau[j]), **problem.cond))
-            feats = torch.stack([x.flatten()] + [o.flatten() for o in outs], 1)  # (N*d, j+2)
-            y = targets[j].flatten()
+            feats = torch.stack([x.flatten()] + [o.flatten() for o in outs], 1).to(F64)  # (N*d, j+2)
+            y = targets[j].flatten().to(F64)
             c0 = torch.cat([alpha0[j:j + 1], B0[j, :j + 1]])
             scale = feats.pow(2).mean(0).clamp_min(1e-30)
             A = feats.T @ feats / len(y) + ridge * torch.diag(scale)
             c = torch.linalg.solve(A, feats.T @ y / len(y) + ridge * scale * c0)
             alpha[j], B[j, :j + 1] = c[0], c[1:]
-            x = alpha[j] * x + sum(B[j, k] * outs[k] for k in range(j + 1))
+            x = (alpha[j] * x + sum(B[j, k] * outs[k] for k in range(j + 1))).to(x.dtype)
     return tau, alpha, B
 
 
 def joint(problem: Problem, max_evals: int = 400, grid_evals: int = 40):
     """Grid (LD3-style), then learned coefficients (OLSS), then L-BFGS on levels, α and B together against the
-    teacher output (the final state is what users see; intermediate states are free to leave the teacher path)."""
+    teacher output (the final state is what users see; intermediate states are free to leave the teacher path).
+    The levels keep the grid parametrisation (first and last fixed, log-gaps floored), with early stopping on the
+    validation split."""
     start = time.monotonic()
     grid(problem, max_evals=grid_evals)
     tau, alpha, B = linear_subspace(problem)
-    log_tau = tau.log()
-    free = log_tau[1:].clone().requires_grad_(True)
+    levels = tau.tolist() + ([problem.grid[-1]] if problem.grid[-1] > 0 else [])
+    logits, first, last, _ = _grid_param(levels)
+    n = len(tau)
+    if len(logits) < 1 or n < 2:
+        return tau, alpha, B
+    logits.requires_grad_(True)
     a, b = alpha.clone().requires_grad_(True), B.clone().requires_grad_(True)
     mask = torch.tril(torch.ones_like(B))
 
     def current():
-        return torch.cat([log_tau[:1], free]).exp(), a, b * mask
+        return _grid_of(logits, first, last).exp()[:n], a, b * mask
 
-    _lbfgs([free, a, b], lambda: problem.loss(*current()), problem, max_evals, plan_of=current)
+    _lbfgs([logits, a, b], lambda: problem.loss(*current()), problem, max_evals, plan_of=current)
     problem.log(f"joint: {time.monotonic() - start:.1f} s")
-    return torch.cat([log_tau[:1], free.detach()]).exp(), a.detach(), (b * mask).detach()
+    tau, alpha, B = (v.detach() for v in current())
+    tau[0] = first
+    return tau, alpha, B
 
 
 # -- compensation, statistics, momentum ----------------------------------------------------------------------------
