@@ -115,7 +115,8 @@ def calibrate(denoiser, nfe: int, *, solver: str | None = None, noises: int | Te
                         target_val=target[len(x0) - n_val:] if n_val else None)
     candidates = {}
     if solver is None and schedule is None and options is None:  # start from the best of a few fixed solvers
-        spec, grid, opts, candidates = _best_start(problem, process, nfe, end or _default_end(nfe), grid)
+        spec, grid, opts, candidates = _best_start(problem, process, nfe, end or _default_end(nfe), grid,
+                                                   one_call=method in ONE_CALL_PER_STEP)
         problem.solver, problem.options, problem.grid = spec.name, opts, grid
     tau0, alpha0, B0 = plan_tensors(spec.name, grid, opts, process)
     meta = dict(sigma_end=sigma_end, solver=spec.name, process=process.config(), fingerprint=fingerprint(denoiser))
@@ -160,10 +161,13 @@ def calibrate(denoiser, nfe: int, *, solver: str | None = None, noises: int | Te
     return plan
 
 
-# starting points tried when no solver is named (all one call per step; the default's end is kept)
+# starting points tried when no solver is named (the default's end is kept); the singlestep DPM-Solvers (several
+# calls per step, budget split as DPM-Solver-fast) only for methods that do not need one call per step
 START_CANDIDATES = ((None, None, {}), ("dpmpp_2m", "karras", {}), ("dpmpp_2m", "logsnr", {}),
                     ("dpmpp_3m", "logsnr", {}), ("unipc", "logsnr", {}), ("unipc", "karras", {}),
-                    ("deis", "logsnr", {"coordinate": "log_sigma"}), ("ipndm", "karras", {}))
+                    ("deis", "logsnr", {"coordinate": "log_sigma"}), ("ipndm", "karras", {}),
+                    ("dpm_solver_3", "logsnr", {}), ("dpm_solver_2", "logsnr", {}))
+ONE_CALL_PER_STEP = ("s3", "momentum", "dpm_solver_v3", "dc_solver")
 
 
 def _close(a: float, b: float) -> bool:
@@ -176,7 +180,7 @@ def _default_end(nfe: int) -> str:
     return default_for(nfe).end
 
 
-def _best_start(problem, process, nfe, end, default_grid):
+def _best_start(problem, process, nfe, end, default_grid, one_call: bool):
     """The candidate (solver, schedule) with the smallest teacher loss on the calibration noises; the grids share
     the default's end so that the teacher targets stay valid."""
     scores, best = {}, None
@@ -186,6 +190,8 @@ def _best_start(problem, process, nfe, end, default_grid):
                                               options=options or None)
             grid = [float(s) for s in grid]
             if calls != nfe or not (_close(grid[0], default_grid[0]) and _close(grid[-1], default_grid[-1])):
+                continue
+            if one_call and len(grid) - 1 != nfe:
                 continue
             grid[0], grid[-1] = default_grid[0], default_grid[-1]  # the teacher's levels exactly
             tau, alpha, B = plan_tensors(spec.name, grid, opts, process)
