@@ -237,8 +237,9 @@ class LinearAG(CFG):
 
         self._trace = []
         try:
-            sample(self, noise, **sample_options)
-            eps_c, eps_u = zip(*self._trace)
+            with torch.no_grad():
+                sample(self, noise, **sample_options)
+            eps_c, eps_u = zip(*((c.detach(), u.detach()) for c, u in self._trace))
         finally:
             self._trace = None
         self.coefficients = fit_linear_ag(eps_c, eps_u)
