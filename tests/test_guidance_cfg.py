@@ -319,3 +319,19 @@ def test_option_errors(gm):
         CFG(gm, 2.0, rescale=1.5)
     with pytest.raises(ValueError, match="interval"):
         CFG(gm, 2.0, interval=(1.0, 0.5))
+
+
+def test_adaptive_guidance_spaces(gm):
+    """space='eps' compares ε̂_c, ε̂_u (the paper's rule), 'x0' compares D_c, D_u; an unknown space is an error."""
+    den = gm.denoiser(PROCESS, "eps")
+    x = torch.randn(6, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(3)) * 2.0
+    lab = {"label": LABELS[:6] if len(LABELS) >= 6 else torch.zeros(6, dtype=torch.long)}
+    for space in ("x0", "eps"):
+        g = AdaptiveGuidance(den, 3.0, threshold=1.0, space=space)
+        g(x, 2.0, **lab)
+        d_c, d_u = den(x, 2.0, **lab), den(x, 2.0, label=torch.full((6,), -1))
+        a, b = (d_c, d_u) if space == "x0" else (x - d_c, x - d_u)
+        expected = float(torch.nn.functional.cosine_similarity(a, b, dim=1).min())
+        assert g.similarities == [pytest.approx(expected, abs=1e-12)]
+    with pytest.raises(ValueError, match="unknown space 'v'; valid: x0, eps"):
+        AdaptiveGuidance(den, 3.0, space="v")

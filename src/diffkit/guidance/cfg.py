@@ -144,19 +144,27 @@ class CFGPlusPlus(CFG):
 
 class AdaptiveGuidance(CFG):
     """Adaptive Guidance ("Adaptive Guidance: Training-free Acceleration of Conditional Diffusion Models",
-    Castillo et al. 2023, Sec. 4): CFG while γ = cos(ε̂_c, ε̂_u) ≤ γ̄ (`threshold`), then the conditional model
-    alone, one pass per evaluation, for the rest of the trajectory.
+    Castillo et al. 2023, Sec. 4): CFG while γ ≤ γ̄ (`threshold`), then the conditional model alone, one pass per
+    evaluation, for the rest of the trajectory; γ is the cosine similarity of the conditional and unconditional
+    predictions, flattened per sample, and the batch minimum decides.
 
-    γ is the cosine similarity of the flattened per-sample ε̂ (that of x̄ - D_c and x̄ - D_u: σ̄ cancels); the
-    batch minimum decides, so the unconditional pass stops once every sample's predictions have aligned.
-    `similarities` lists γ at each guided evaluation since `prepare`. On low-dimensional data ε̂_c ≈ ε̂_u ≈ x̄/σ̄
-    at large σ̄, so γ̄ close to 1 already holds at the start; the rule is meant for high-dimensional models.
+    `space` chooses the predictions compared. "x0" (default): D_c and D_u. "eps": ε̂_c and ε̂_u as in the paper
+    (x̄ - D over σ̄; σ̄ cancels). Both are the paper's criterion "the two predictions agree", but in canonical
+    variables ε̂ = (x̄ - D)/σ̄ shares the term x̄/σ̄, which dominates at large σ̄: on an EDM model started at
+    σ̄ = 80, ε̂-similarity is ≈ 1 - 2e-5 at the first evaluation and falls along the trajectory (the paper's SD
+    models start at σ̄ ≈ 14.6 in latent space), so the ε̂ rule drops guidance at once; D-similarity rises
+    monotonically towards 1 as the sample settles, which is the behaviour the rule relies on (measured in
+    bench/guidance.py). `similarities` lists γ at each guided evaluation since `prepare`.
     """
 
-    def __init__(self, denoiser, scale: float | Callable, *, threshold: float = 0.991,
+    SPACES = ("x0", "eps")
+
+    def __init__(self, denoiser, scale: float | Callable, *, threshold: float = 0.999, space: str = "x0",
                  uncond: dict | None = None):
         super().__init__(denoiser, scale, uncond=uncond)
-        self.threshold = float(threshold)
+        if space not in self.SPACES:
+            raise ValueError(f"unknown space {space!r}; valid: {', '.join(self.SPACES)}")
+        self.threshold, self.space = float(threshold), space
         self.reset()
 
     def reset(self) -> None:
@@ -167,7 +175,8 @@ class AdaptiveGuidance(CFG):
         if self.dropped:
             return x, self.conditional(x, sigma, cond)
         d_c, d_u = self.predictions(x, sigma, cond)
-        gamma = torch.nn.functional.cosine_similarity((x - d_c).flatten(1), (x - d_u).flatten(1), dim=1)
+        a, b = (d_c, d_u) if self.space == "x0" else (x - d_c, x - d_u)
+        gamma = torch.nn.functional.cosine_similarity(a.flatten(1), b.flatten(1), dim=1)
         self.similarities.append(float(gamma.clamp(-1, 1).min()))
         self.dropped = self.similarities[-1] > self.threshold
         return x, self.combine(d_c, d_u, sigma)
