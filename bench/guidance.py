@@ -16,7 +16,9 @@ passes per trajectory (`guided.passes`: a batched cond + uncond call is one call
    NFE 20.
 2. Target A: CFG++ and guidance rescale stay stable where plain CFG (DPM-Solver++(2M), NFE 10) breaks
    (breaks = saturated fraction > 5 % or divergence).
-3. Target B: Adaptive Guidance saves >= 20 % of network passes at an FD within 5 % of full CFG (w = 3).
+3. Target B: Adaptive Guidance saves >= 20 % of network passes at an FD within 5 % of full CFG (w = 3), paired on
+   the same noise: AG with its default rule (cosine of D_c and D_u, `space="x0"`) over thresholds γ̄, the paper's
+   ε̂ rule (`space="eps"`), LinearAG, at DPM-Solver++(2M) NFE 20 and 10 (and UniPC NFE 10 for the D rule).
 4. Anchor: diffusers' schedulers driven with CFG as its pipelines do it (noise_uncond + w (noise_cond -
    noise_uncond), diffusers' own `rescale_noise_cfg` for guidance rescale) on the same UNet.
 
@@ -25,6 +27,9 @@ passes per trajectory (`guided.passes`: a batched cond + uncond call is one call
     python bench/guidance.py --quick          # smoke run (~1 min): 50 samples, a few configurations; outputs to a
                                               # temporary folder, BENCHMARKS.md untouched
     python bench/guidance.py --render bench/results/guidance.json   # re-render block and figures, no sampling
+    python bench/guidance.py --resume         # reuse every row of bench/results/guidance.json whose configuration
+                                              # key matches; sample only new or changed configurations (and the
+                                              # full-CFG references of Target B, whose samples pair the ratios)
 """
 
 from __future__ import annotations
@@ -88,10 +93,18 @@ VARIANTS = {  # key: (label, scale symbol)
     "pag_cfg": (f"PAG (all layers) + CFG w={PAG_CFG:g}", "s"),
     "cg": ("classifier guidance (noisy clf.)", "w"),
     "gfcg": ("gradient-free classifier guidance", "s"),
-    "ag": (f"Adaptive Guidance, w={AG_W:g}", "γ̄"),
+    "ag": (f"Adaptive Guidance, w={AG_W:g}", "γ̄"),  # labelled by its space, AG_SPACES
     "linear_ag": (f"LinearAG, w={AG_W:g}", "skip"),
     "cfg_trunc": (f"CFG w={AG_W:g} only for σ̄ > σ_lo", "σ_lo"),
 }
+AG_SPACES = {  # AdaptiveGuidance(space=...): what the cosine γ compares
+    "eps": "Adaptive Guidance (ε̂, paper's rule)",
+    "x0": "Adaptive Guidance (D, default)",
+}
+AG_EPS = {20: (0.991, 0.99999), 10: (0.991,)}  # the paper's ε̂ rule: per dpmpp_2m NFE
+AG_X0 = (0.99, 0.995, 0.999, 0.9995, 0.9999)  # the D rule (default): every AG setting
+AG_EXTRA = (("unipc", 10),)  # further (solver, NFE) for the D rule, with their full CFG and unguided rows
+AG_SPACE_COMMIT = "1e10088"  # AdaptiveGuidance(space=...) appears; before it the rule was always ε̂
 SKIPS = {  # LinearAG: which evaluations estimate the unconditional pass instead of running it
     "odd": ("every other evaluation (i odd)", lambda i: i % 2 == 1),
     "2of3": ("two of every three (i mod 3 != 0)", lambda i: i % 3 != 0),
@@ -107,9 +120,9 @@ def grid(quick: bool) -> list[dict]:
     """Every configuration to run (dicts: group, variant, scale, solver, nfe, seed, schedule)."""
     out = []
 
-    def add(group, variant, scale, solver="dpmpp_2m", nfe=10, seed=0, schedule=None):
+    def add(group, variant, scale, solver="dpmpp_2m", nfe=10, seed=0, schedule=None, space=None):
         out.append(dict(group=group, variant=variant, scale=scale, solver=solver, nfe=nfe, seed=seed,
-                        schedule=schedule))
+                        schedule=schedule, space=space))
 
     if quick:
         sweep = {"cfg": [1, 3, 10, 30], "cfg_rescale": [10, 30], "cfgpp": [0.4, 1.0], "cfg_interval": [3],
@@ -130,16 +143,24 @@ def grid(quick: bool) -> list[dict]:
         for s, solvers in entries:
             for solver, nfe in solvers:
                 add("solvers", v, s, solver, nfe)
-    # target B: full CFG w=3 against AG / LinearAG / a fixed switch point, dpmpp_2m at NFE 20 and 10
+    # target B: full CFG w=3 against AG (D and ε̂ rules) / LinearAG / a fixed switch point, dpmpp_2m at NFE 20, 10
+    x0_th = (0.99, 0.999) if quick else AG_X0
     for nfe in (10,) if quick else (20, 10):
         add("ag", "cfg", AG_W, nfe=nfe)
         add("ag", "cond", None, nfe=nfe)
-        for th in ((0.991,) if quick or nfe == 10 else (0.991, 0.99999)):
-            add("ag", "ag", th, nfe=nfe)
+        for th in x0_th:
+            add("ag", "ag", th, nfe=nfe, space="x0")
+        for th in ((0.991,) if quick else AG_EPS[nfe]):
+            add("ag", "ag", th, nfe=nfe, space="eps")
         for sk in (("odd",) if quick else ("odd", "2of3")):
             add("ag", "linear_ag", sk, nfe=nfe)
         for lo in (() if quick else (1.0, 0.3)):
             add("ag", "cfg_trunc", lo, nfe=nfe)
+    for solver, nfe in () if quick else AG_EXTRA:  # the D rule with other solvers
+        add("ag", "cfg", AG_W, solver, nfe)
+        add("ag", "cond", None, solver, nfe)
+        for th in x0_th:
+            add("ag", "ag", th, solver, nfe, space="x0")
     for seed in (1,) if quick else (1, 2, 3, 4):  # unpaired FD noise: other noise draws
         add("ag", "cfg", AG_W, nfe=10 if quick else 20, seed=seed)
     # anchors: diffkit on the Karras grid the diffusers schedulers use
@@ -159,7 +180,14 @@ def anchor_grid(quick: bool) -> list[dict]:
 
 
 def key_of(c: dict) -> tuple:
-    return (c["variant"], c["scale"], c["solver"], c["nfe"], c["seed"], c["schedule"])
+    """A configuration's identity (AG rows: with their space, so the ε̂ and D rules never share a key)."""
+    return (c["variant"], c["scale"], c["solver"], c["nfe"], c["seed"], c["schedule"], c.get("space"))
+
+
+def label(r: dict) -> str:
+    if r["variant"] == "ag":
+        return f"{AG_SPACES[r.get('space') or 'eps']}, w={AG_W:g}"
+    return VARIANTS[r["variant"]][0] if r["variant"] != "cond" else "conditional model only"
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -225,7 +253,7 @@ class Bench:
         if v == "gfcg":
             return GradientFreeGuidance(den, self.clean_classifier(), float(s))
         if v == "ag":
-            return AdaptiveGuidance(den, AG_W, threshold=float(s))
+            return AdaptiveGuidance(den, AG_W, threshold=float(s), space=c["space"])
         if v == "linear_ag":
             g = LinearAG(den, AG_W, skip=SKIPS[s][1])
             k = (c["solver"], c["nfe"], c["schedule"])
@@ -473,27 +501,32 @@ def target_a(rows: list[dict]) -> dict:
 
 
 def target_b(rows: list[dict], feats: dict, labels: torch.Tensor) -> dict:
+    """Every Target-B row against full CFG of its (solver, NFE) on the same noise. A row without samples in `feats`
+    (reused by --resume) keeps the interval it was given when it was sampled (`ratio_ci`): its full-CFG reference
+    is re-sampled on every run and must reproduce the stored one (checked in main)."""
     ref_stats = feature_statistics(reference_features()[0])
     out = {"w": AG_W, "per_nfe": []}
-    verdict = False
-    for nfe in sorted({r["nfe"] for r in rows if "ag" in r["groups"]}, reverse=True):
-        full = find(rows, variant="cfg", scale=AG_W, solver="dpmpp_2m", nfe=nfe, seed=0, schedule=None)
+    settings = {(r["solver"], r["nfe"]) for r in rows if "ag" in r["groups"] and r["seed"] == 0}
+    order = lambda sn: (sn[0] != "dpmpp_2m", sn[0], -sn[1])  # noqa: E731
+    for solver, nfe in sorted(settings, key=order):
+        full = find(rows, variant="cfg", scale=AG_W, solver=solver, nfe=nfe, seed=0, schedule=None)
         if full is None:
             continue
         fk = key_of(full)
         fa = feats.get(fk)
-        entry = {"nfe": nfe, "full": full,
+        entry = {"solver": solver, "nfe": nfe, "full": full,
                  "fd_sd": half_sd(lambda i: fd_of(fa[i], ref_stats), labels) if fa is not None else None,
                  "candidates": []}
         seeds = sorted([r for r in rows if r["variant"] == "cfg" and r["scale"] == AG_W and r["nfe"] == nfe
-                        and r["solver"] == "dpmpp_2m" and r["schedule"] is None], key=lambda r: r["seed"])
+                        and r["solver"] == solver and r["schedule"] is None], key=lambda r: r["seed"])
         if len(seeds) > 1:
             t = torch.tensor([r["fd"] for r in seeds], dtype=torch.float64)
             entry["seed_fds"] = t.tolist()
             entry["seed_sd"] = float(t.std())
             entry["seed_mean"] = float(t.mean())
         for r in rows:
-            if "ag" not in r["groups"] or r["nfe"] != nfe or r is full or r["seed"] != 0:
+            if ("ag" not in r["groups"] or r["nfe"] != nfe or r["solver"] != solver or r is full or r["seed"] != 0
+                    or r["schedule"] is not None):
                 continue
             if r["variant"] not in ("ag", "linear_ag", "cfg_trunc", "cond"):
                 continue
@@ -502,16 +535,25 @@ def target_b(rows: list[dict], feats: dict, labels: torch.Tensor) -> dict:
             if fa is not None and fb is not None:
                 sd = half_sd(lambda i: fd_of(fb[i], ref_stats) / fd_of(fa[i], ref_stats), labels)
                 ci = (ratio - 1.96 * sd, ratio + 1.96 * sd)
+                r["ratio_ci"] = list(ci)
             else:
-                ci = (None, None)
+                ci = tuple(r.get("ratio_ci") or (None, None))
             ok = r["variant"] in ("ag", "linear_ag") and r["saved"] >= 0.2 - 1e-9 and abs(ratio - 1) <= 0.05
-            verdict |= ok
-            entry["candidates"].append({"variant": r["variant"], "scale": r["scale"], "saved": r["saved"],
-                                        "fd": r["fd"], "ratio": ratio, "ci": ci, "accuracy": r["accuracy"],
+            ci_in = ci[0] is not None and ci[0] >= 0.95 and ci[1] <= 1.05
+            entry["candidates"].append({"variant": r["variant"], "space": r.get("space"), "scale": r["scale"],
+                                        "key": list(key_of(r)), "saved": r["saved"], "fd": r["fd"], "ratio": ratio,
+                                        "ci": ci, "ci_within": ci_in, "accuracy": r["accuracy"],
                                         "rms_to_full": r.get("rms_to_full"), "meets": ok,
                                         "similarities": r.get("similarities")})
         out["per_nfe"].append(entry)
-    out["verdict"] = "PASS" if verdict else "FAIL"
+    met = {name: [(e["solver"], e["nfe"], c["scale"], c["saved"], c["ratio"], c["ci_within"])
+                  for e in out["per_nfe"] for c in e["candidates"] if c["meets"] and test(c)]
+           for name, test in (("ag_x0", lambda c: c["variant"] == "ag" and c["space"] == "x0"),
+                              ("ag_eps", lambda c: c["variant"] == "ag" and c["space"] == "eps"),
+                              ("linear_ag", lambda c: c["variant"] == "linear_ag"))}
+    out["meets"] = met
+    # the target is Adaptive Guidance's: its default (D) rule must meet it at some threshold
+    out["verdict"] = "PASS" if met["ag_x0"] else "FAIL"
     return out
 
 
@@ -577,7 +619,8 @@ def plot_ag(tb: dict, path: Path):
     plt = _plt()
     entries = tb["per_nfe"]
     fig, axes = plt.subplots(1, len(entries), figsize=(5.5 * len(entries), 4.2), squeeze=False)
-    marks = {"ag": ("o", "AG (γ̄)", "tab:orange"), "linear_ag": ("s", "LinearAG (skip rule)", "tab:red"),
+    marks = {("ag", "x0"): ("o", "AG, D rule (γ̄)", "tab:orange"), ("ag", "eps"): ("D", "AG, ε̂ rule (γ̄)", "tab:purple"),
+             "linear_ag": ("s", "LinearAG (skip rule)", "tab:red"),
              "cfg_trunc": ("^", "CFG for σ̄ > σ_lo only (σ_lo)", "tab:brown"), "cond": ("x", "no guidance", "tab:blue")}
     for a, e in zip(axes[0], entries):
         full = e["full"]
@@ -586,19 +629,22 @@ def plot_ag(tb: dict, path: Path):
         a.axvline(0.8 * full["net_passes"], color="gray", ls="--", lw=1, label="20 % fewer passes")
         seen = set()
         for c in e["candidates"]:
-            m, lab, col = marks[c["variant"]]
+            mk = (c["variant"], c.get("space") or "eps") if c["variant"] == "ag" else c["variant"]
+            m, lab, col = marks[mk]
             passes = (1 - c["saved"]) * full["net_passes"]
-            a.plot([passes], [c["fd"]], m, color=col, ms=7, label=None if c["variant"] in seen else lab)
-            seen.add(c["variant"])
+            a.plot([passes], [c["fd"]], m, color=col, ms=7, label=None if mk in seen else lab)
+            seen.add(mk)
             txt = "w=1" if c["scale"] is None else str(c["scale"])
             a.annotate(txt, (passes, c["fd"]), fontsize=7, xytext=(3, 3), textcoords="offset points")
         a.set(xlabel="network passes per trajectory", ylabel="Fréchet distance", yscale="log",
-              title=f"DPM-Solver++(2M), NFE {e['nfe']}")
+              title=f"{SOLVER_NAMES.get(e.get('solver', 'dpmpp_2m'), e.get('solver'))}, NFE {e['nfe']}")
         a.grid(alpha=0.3)
         a.legend(fontsize=7)
     fig.tight_layout()
     _save(fig, path)
 
+
+SOLVER_NAMES = {"dpmpp_2m": "DPM-Solver++(2M)", "unipc": "UniPC", "euler": "Euler (DDIM)", "heun": "Heun"}
 
 SAMPLE_PANELS = [("cond", None), ("cfg", 3), ("cfg", 10), ("cfg", 30), ("cfg_rescale", 10), ("cfg_rescale", 30),
                  ("cfgpp", 1.0), ("cfg_interval", 10), ("pag_all", 3), ("pag_cfg", 3), ("cg", 10), ("gfcg", 10)]
@@ -709,6 +755,24 @@ def _setting(c: dict) -> str:
     return f"{VARIANTS[c['variant']][1]} = {c['scale']:g}"
 
 
+def _setting_of(scale) -> str:
+    return SKIPS[scale][0] if scale in SKIPS else f"γ̄ = {scale:g}"
+
+
+def _solver(e: dict) -> str:
+    return SOLVER_NAMES.get(e.get("solver", "dpmpp_2m"), e.get("solver"))
+
+
+def _profile(e: dict, space: str):
+    """(threshold, similarities, never dropped) of the AG row of this space with the longest γ record."""
+    rows = [c for c in e["candidates"] if c["variant"] == "ag" and (c.get("space") or "eps") == space
+            and c.get("similarities")]
+    if not rows:
+        return None
+    c = max(rows, key=lambda c: (len(c["similarities"]), c["scale"]))
+    return c["scale"], c["similarities"], c["saved"] <= 0
+
+
 def _ratio(c: dict) -> str:
     lo, hi = c["ci"]
     return f"{c['ratio']:.3f} [{lo:.3f}, {hi:.3f}]" if lo is not None else f"{c['ratio']:.3f}"
@@ -727,6 +791,15 @@ def markdown(data: dict) -> str:
              f"diffkit at commit {meta['commit']}); runtime {meta['seconds'] / 60:.1f} min. Smoke run: "
              "`.venv/bin/python bench/guidance.py --quick` (about a minute, 50 samples, nothing written to "
              "BENCHMARKS.md).")
+    rs = meta.get("resume")
+    if rs:
+        refs = rs.get("references_resampled") or []
+        dev = max((x["max_abs_dev"] for x in refs), default=0.0)
+        L.append(f"Resumed (`--resume`): {rs['reused']} rows and anchors reused from the run of {rs['date']} (diffkit "
+                 f"{rs['commit']}, {(rs['seconds'] or 0) / 60:.1f} min), {rs['sampled']} configurations sampled "
+                 f"now; the runtime above is this run's. Target B's {len(refs)} full-CFG references were sampled "
+                 f"again to pair the new rows and reproduce the stored ones to {dev:.1e} (max |difference| of FD, "
+                 "accuracy and saturation).")
     L.append("")
     L.append(f"The shipped class-conditional 16x16 digits model (EDM, σ̄ ∈ [0.002, 80], label -1 = null class). "
              f"Every configuration samples the same {meta['n']} labels (0..9 repeated, {meta['n'] // 10} per "
@@ -821,13 +894,17 @@ def markdown(data: dict) -> str:
              "full CFG on the same noise; the interval is ratio ± 1.96 standard errors, the standard error by "
              f"paired half-sampling ({HALVES} random halves of the samples, the same indices for both sets; the "
              "delete-n/2 jackknife: a bootstrap with replacement duplicates samples and biases FD). AG's rule "
-             "(Castillo et al. 2023): CFG until the cosine γ of "
-             "ε̂_c and ε̂_u exceeds γ̄ (batch minimum), then the conditional model alone. LinearAG is calibrated "
+             "(Castillo et al. 2023): CFG until the cosine γ of the conditional and unconditional predictions "
+             "exceeds γ̄ (batch minimum), then the conditional model alone. Two versions of the predictions "
+             "compared: **D** (`AdaptiveGuidance(space=\"x0\")`, diffkit's default: D_c and D_u) and **ε̂** "
+             "(`space=\"eps\"`, the paper's ε̂_c and ε̂_u). LinearAG is calibrated "
              "(least squares, `fit_linear_ag`) on full-CFG trajectories of 100 other noises (seed 2), same solver "
              "and grid. `CFG only for σ̄ > σ_lo` is the schedule AG aims at with a fixed switch point; it is "
              "listed for context and does not count for the target. The comparison is paired (same noise, same "
              "labels), so the noise that matters is that of the paired ratio (the interval column), much smaller "
-             "than the unpaired FD noise between independent noise draws given per NFE.")
+             "than the unpaired FD noise between independent noise draws given per NFE. Meets target: saved >= "
+             "20 % and point FD ratio within [0.95, 1.05]; the verdict counts Adaptive Guidance's default D rule, "
+             "and the ε̂ rule and LinearAG are reported beside it.")
     L.append("")
     for e in tb["per_nfe"]:
         f = e["full"]
@@ -840,44 +917,62 @@ def markdown(data: dict) -> str:
             noise.append(f"standard error of FD by half-sampling {e['fd_sd']:.2f} ({100 * e['fd_sd'] / f['fd']:.1f} "
                          "%)")
         noise.append(f"FD of the two halves (n = {meta['n'] // 2}) {f['fd_halves'][0]:.1f} / {f['fd_halves'][1]:.1f}")
-        L.append(f"**NFE {e['nfe']}**: full CFG: accuracy {f['accuracy']:.1%}, FD {f['fd']:.2f}, "
+        L.append(f"**{_solver(e)}, NFE {e['nfe']}**: full CFG: accuracy {f['accuracy']:.1%}, FD {f['fd']:.2f}, "
                  f"{f['net_passes']:.0f} passes. FD sampling noise: {'; '.join(noise)}.")
         L.append("")
         L.append("| method | setting | saved | FD | FD ratio [95 % CI] | accuracy | RMS to full-CFG samples | "
                  "meets target |")
         L.append("|---|---|---:|---:|---|---:|---:|---|")
-        for c in e["candidates"]:
+        order = {("ag", "x0"): 0, ("ag", "eps"): 1, ("linear_ag", None): 2, ("cfg_trunc", None): 3, ("cond", None): 4}
+        for c in sorted(e["candidates"], key=lambda c: (order.get((c["variant"], c.get("space")), 5),
+                                                         str(c["scale"]))):
             ci, setting = _ratio(c), _setting(c)
             meets = ("**yes**" if c["meets"] else "no") if c["variant"] in ("ag", "linear_ag") else "(context)"
             rms = f"{c['rms_to_full']:.3f}" if c.get("rms_to_full") is not None else "-"
-            L.append(f"| {VARIANTS[c['variant']][0] if c['variant'] != 'cond' else 'conditional model only'} | "
-                     f"{setting} | {c['saved']:.1%} | {c['fd']:.2f} | {ci} | {c['accuracy']:.1%} | {rms} | {meets} |")
-        sims = next((c["similarities"] for c in e["candidates"] if c["variant"] == "ag" and c["similarities"]
-                     and len(c["similarities"]) == f["calls"]), None)
-        if sims:
-            L.append("")
-            L.append("γ (batch minimum, first batch) along a full-CFG trajectory, 1 - γ per evaluation: " +
-                     ", ".join(f"{1 - s:.1e}" for s in sims) + ".")
+            L.append(f"| {label(c)} | {setting} | {c['saved']:.1%} | {c['fd']:.2f} | {ci} | {c['accuracy']:.1%} | "
+                     f"{rms} | {meets} |")
+        for sp in ("x0", "eps"):
+            sims = _profile(e, sp)
+            if sims:
+                L.append("")
+                L.append(f"1 - γ ({'D' if sp == 'x0' else 'ε̂'} rule; batch minimum, first batch) per evaluation "
+                         f"until AG γ̄ = {sims[0]:g} drops guidance"
+                         + (" (never, here: the whole trajectory)" if sims[2] else "") + ": "
+                         + ", ".join(f"{1 - v:.2g}" for v in sims[1]) + ".")
         L.append("")
-    met = [(e, c) for e in tb["per_nfe"] for c in e["candidates"] if c["meets"]]
-    ag_met = [x for x in met if x[1]["variant"] == "ag"]
-    desc = "; ".join(f"{VARIANTS[c['variant']][0]}, {_setting(c)}, NFE {e['nfe']}: saved {c['saved']:.1%}, FD ratio "
-                     f"{_ratio(c)}" for e, c in met)
-    if met:
-        L.append(f"**Target B: {tb['verdict']}**" + ("" if ag_met else " with LinearAG only") + f" ({desc}). "
-                 + ("" if ag_met else "AG's own threshold rule meets it at no γ̄ tried: **FAIL** for AG proper."))
-    else:
-        L.append(f"**Target B: {tb['verdict']}**: no AG threshold and no LinearAG schedule saves >= 20 % of the "
-                 "passes with an FD within 5 % of full CFG.")
+    met = tb.get("meets") or {}
+
+    def where(items):
+        """Grouped by solver and NFE: setting (saved, FD ratio; † = its 95 % interval is not inside ±5 %)."""
+        groups: dict = {}
+        for so, nfe, sc, sv, ra, inside in items:
+            groups.setdefault((so, nfe), []).append(f"{_setting_of(sc)} ({sv:.1%} saved, FD ratio {ra:.3f}"
+                                                     f"{'' if inside else ' †'})")
+        return "; ".join(f"{SOLVER_NAMES.get(so, so)} NFE {nfe}: {', '.join(v)}" for (so, nfe), v in groups.items())
+
+    x0, eps, lin = met.get("ag_x0", []), met.get("ag_eps", []), met.get("linear_ag", [])
+    L.append(f"**Target B: {tb['verdict']}** — Adaptive Guidance with its default D rule "
+             + (f"meets it at {where(x0)}." if x0 else "meets it at no threshold γ̄ tried."))
+    L.append("")
+    L.append("- The paper's ε̂ rule: " + (f"meets it at {where(eps)}." if eps else "meets it at no γ̄ tried."))
+    L.append("- LinearAG: " + (f"meets it at {where(lin)}." if lin else "meets it at no skip schedule tried."))
+    no_x0 = [e for e in tb["per_nfe"] if not any(c["meets"] and c["variant"] == "ag" and c.get("space") == "x0"
+                                                 for c in e["candidates"])]
+    if x0 and no_x0:
+        L.append("- The D rule does not meet it at " + ", ".join(f"{_solver(e)} NFE {e['nfe']}" for e in no_x0) + ".")
+    if any(not x[5] for x in x0 + eps + lin):
+        L.append("- †: met by the point ratio, but the paired 95 % interval of the ratio is not inside [0.95, 1.05].")
     L.append("")
     sims = next((c["similarities"] for e in tb["per_nfe"] for c in e["candidates"] if c["variant"] == "ag"
-                 and c["similarities"] and len(c["similarities"]) == e["full"]["calls"]), None)
+                 and c.get("space", "eps") == "eps" and c["similarities"]
+                 and len(c["similarities"]) == e["full"]["calls"]), None)
     if sims and sims[0] >= max(sims):
-        L.append("On this model γ is closest to 1 at the *start* of the trajectory (at σ̄ = 80 both ε̂ are ≈ x̄/σ̄) "
-                 "and falls as σ̄ decreases, the opposite of the trend AG relies on (guidance becoming redundant "
-                 "late in sampling): any γ̄ below the first γ drops guidance after the first evaluation (the "
-                 "samples are then essentially the unguided model's: about 50 % saved at a very different FD), any "
-                 "γ̄ above it never drops. AG's rule therefore cannot meet the target on this model, whatever γ̄.")
+        L.append("Why the ε̂ rule fails here: on this EDM model (started at σ̄ = 80) γ of ε̂ is closest to 1 at the "
+                 "*start* of the trajectory (both ε̂ are ≈ x̄/σ̄) and falls as σ̄ decreases, the opposite of the "
+                 "trend AG relies on (guidance becoming redundant late in sampling): any γ̄ below the first γ drops "
+                 "guidance after the first evaluation (the samples are then essentially the unguided model's: about "
+                 "50 % saved at a very different FD), any γ̄ above it never drops. γ of D rises towards 1 along the "
+                 "trajectory instead, which is why `AdaptiveGuidance` compares D by default.")
         L.append("")
     L.append(f"![AG: FD vs passes]({figs['ag']})")
     L.append("")
@@ -953,6 +1048,61 @@ def real_fd(n: int) -> float:
     return frechet_distance(digit_features(x[i]), ref)
 
 
+def _is_ancestor(commit: str, of: str) -> bool:
+    import subprocess
+
+    try:
+        return subprocess.run(["git", "-C", str(ROOT), "merge-base", "--is-ancestor", commit, of],
+                              capture_output=True).returncode == 0
+    except Exception:  # pragma: no cover - no git
+        return False
+
+
+def load_previous(path: Path, n: int, chunk: int) -> dict:
+    """The rows and anchors of a previous results JSON by configuration key, for --resume. Rows of the same n and
+    chunk only (both change every number). AG rows written before `AdaptiveGuidance` had a `space` carry none:
+    they used the ε̂ rule then (the only one), recognised by their diffkit commit preceding AG_SPACE_COMMIT, and
+    are keyed as space "eps"; when that cannot be established they are not reused. Each Target-B row gets the
+    FD-ratio interval it was given then (`ratio_ci`): its samples are not stored."""
+    d = json.loads(path.read_text())
+    m = d["meta"]
+    if (m["n"], m["chunk"]) != (n, chunk):
+        raise SystemExit(f"--resume: {path} has n = {m['n']}, chunk {m['chunk']}; this run n = {n}, chunk {chunk}")
+    old_commit = str(m.get("commit", "")).split()[0].rstrip("?")
+    eps_before = bool(old_commit) and _is_ancestor(old_commit, AG_SPACE_COMMIT + "^")
+    cis = {}
+    for e in (d.get("target_b") or {}).get("per_nfe", []):
+        for c in e["candidates"]:
+            if c.get("key") is not None:
+                k = tuple(c["key"])
+            else:  # written before keys were stored: dpmpp_2m, seed 0, default schedule
+                sp = c.get("space") or ("eps" if c["variant"] == "ag" else None)
+                k = (c["variant"], c["scale"], e.get("solver", "dpmpp_2m"), e["nfe"], 0, None, sp)
+            if c.get("ci") and c["ci"][0] is not None:
+                cis[k] = list(c["ci"])
+    rows, migrated, dropped = {}, 0, 0
+    for r in d["rows"]:
+        r = dict(r)
+        if "space" not in r:
+            if r["variant"] == "ag":
+                if not eps_before:
+                    dropped += 1
+                    continue
+                r["space"], migrated = "eps", migrated + 1
+            else:
+                r["space"] = None
+        k = key_of(r)
+        if k in cis and "ratio_ci" not in r:
+            r["ratio_ci"] = cis[k]
+        rows[k] = r
+    anchors = {(a["sched"], float(a["w"]), float(a["rescale"])): a for a in d.get("anchors", [])}
+    print(f"--resume: {len(rows)} rows and {len(anchors)} anchors from {path} (diffkit {m.get('commit')}, "
+          f"{m.get('date')}); {migrated} AG rows without a space taken as the ε̂ rule"
+          + (f"; {dropped} such rows not reused (their commit is not known to precede the space parameter)"
+             if dropped else ""), flush=True)
+    return {"rows": rows, "anchors": anchors, "meta": m, "source": str(path), "eps_migrated": migrated}
+
+
 def render(data: dict, out_dir: Path, figs_rel: str, md_path: Path | None):
     suffix = "_quick" if data["meta"]["quick"] else ""
     fig_dir = out_dir / "figures"
@@ -981,8 +1131,10 @@ def summary(data: dict) -> str:
                      f"CFG++ lambda=1 sat {ta['cfgpp'][-1][1]:.1%} ({'PASS' if ta['cfgpp_pass'] else 'FAIL'}); "
                      f"rescale stable at {ta['rescale_stable_where_cfg_breaks']}")
     for e in tb["per_nfe"]:
-        best = [f"{c['variant']}:{c['scale']} saved {c['saved']:.0%} ratio {c['ratio']:.3f}" for c in e["candidates"]]
-        lines.append(f"Target B NFE {e['nfe']}: full CFG FD {e['full']['fd']:.2f}; " + "; ".join(best))
+        best = [f"{c['variant']}{'/' + c['space'] if c.get('space') else ''}:{c['scale']} saved {c['saved']:.1%} "
+                f"ratio {_ratio(c)}" for c in e["candidates"]]
+        lines.append(f"Target B {e.get('solver', 'dpmpp_2m')} NFE {e['nfe']}: full CFG FD {e['full']['fd']:.2f}; "
+                     + "; ".join(best))
     lines.append(f"Target B: {tb['verdict']}")
     return "\n".join(lines)
 
@@ -999,6 +1151,9 @@ def main(argv=None) -> int:
                                                "folder with --quick)")
     p.add_argument("--md", default=None, help="markdown file to update (default BENCHMARKS.md; none with --quick)")
     p.add_argument("--render", default=None, help="re-render block and figures from a results JSON (no sampling)")
+    p.add_argument("--resume", nargs="?", const="", default=None, metavar="JSON",
+                   help="reuse every row of a previous results JSON (default: this run's own, e.g. "
+                        "bench/results/guidance.json) whose configuration key matches; sample only the rest")
     args = p.parse_args(argv)
     torch.set_num_threads(max(1, args.threads))
 
@@ -1029,14 +1184,41 @@ def main(argv=None) -> int:
         by_key.setdefault(key_of(c), {**c, "groups": []})["groups"].append(c["group"])
     unique = list(by_key.values())
     anchor_cfgs = anchor_grid(quick)
+    if args.out:
+        out_dir = Path(args.out)
+    elif quick:
+        out_dir = Path(tempfile.mkdtemp(prefix="diffkit_bench_guidance_"))
+    else:
+        out_dir = HERE
+    res_path = out_dir / "results" / f"guidance{'_quick' if quick else ''}.json"
+    old = None
+    if args.resume is not None:
+        old = load_previous(Path(args.resume) if args.resume else res_path, n, chunk)
     print(f"{len(unique)} diffkit configurations + {len(anchor_cfgs)} diffusers anchors, n = {n}, chunk {chunk}",
           flush=True)
 
     rows, samples, feats = [], {}, {}
     keep_feats = {key_of(c) for c in unique if "ag" in c["groups"]}
+    # Target B's full-CFG references are always sampled: their samples pair every ratio of the new rows
+    refs = {key_of(c) for c in unique if "ag" in c["groups"] and c["variant"] == "cfg" and c["seed"] == 0}
+    reused, resampled = [], []
     for i, c in enumerate(unique):
-        row, x = bench.run(c)
         k = key_of(c)
+        prev = old["rows"].get(k) if old else None
+        if prev is not None and k not in refs:
+            rows.append({**prev, "groups": c["groups"]})
+            reused.append(k)
+            print(f"[{i + 1}/{len(unique)} {time.perf_counter() - t_start:5.0f} s] {c['group']:8s} {c['variant']:12s} "
+                  f"{_scale(prev):>10s} {c['solver']:9s} NFE {c['nfe']:2d} seed {c['seed']}: reused "
+                  f"(FD {prev['fd']:.2f})", flush=True)
+            continue
+        row, x = bench.run(c)
+        if prev is not None:  # a reference sampled again: it must reproduce the stored row
+            dev = max(abs(row[m] - prev[m]) for m in ("fd", "accuracy", "sat"))
+            resampled.append({"key": list(k), "fd": row["fd"], "stored_fd": prev["fd"], "max_abs_dev": dev})
+            if dev > 1e-6:
+                print(f"WARNING: {k} sampled again differs from the stored row (max |dev| {dev:.3g}); ratios and "
+                      "intervals of reused rows refer to the stored one", flush=True)
         if "sweep" in c["groups"] and (c["variant"], c["scale"]) in SAMPLE_PANELS:
             row["thumbs"] = thumbnails(x)
         if {"ag", "anchor"} & set(c["groups"]) or (c["variant"] in ("cfg", "cond") and c["scale"] in (None, 1)):
@@ -1050,18 +1232,25 @@ def main(argv=None) -> int:
               f"({row['seconds']:.0f} s)", flush=True)
     # every row of the Target-B block against the full-CFG samples of the same NFE
     for r in rows:
-        if "ag" in r["groups"] and r["seed"] == 0:
-            full = samples.get(("cfg", AG_W, "dpmpp_2m", r["nfe"], 0, None))
+        if "ag" in r["groups"] and r["seed"] == 0 and key_of(r) in samples:
+            full = samples.get(("cfg", AG_W, r["solver"], r["nfe"], 0, None, None))
             if full is not None:
                 r["rms_to_full"] = float((images(samples[key_of(r)]) - images(full)).pow(2).mean().sqrt())
-    cond = samples.get(("cond", None, "dpmpp_2m", 10, 0, None))
-    cfg1 = samples.get(("cfg", 1, "dpmpp_2m", 10, 0, None))
+    cond = samples.get(("cond", None, "dpmpp_2m", 10, 0, None, None))
+    cfg1 = samples.get(("cfg", 1, "dpmpp_2m", 10, 0, None, None))
     cfg1_vs_cond = float((cond - cfg1).abs().max()) if cond is not None and cfg1 is not None else None
+    if cfg1_vs_cond is None and old:
+        cfg1_vs_cond = old["meta"].get("cfg1_vs_cond")
 
     anchor_rows = []
     for a in anchor_cfgs:
+        prev = old["anchors"].get((a["sched"], float(a["w"]), float(a["rescale"]))) if old else None
+        if prev is not None:
+            anchor_rows.append(prev)
+            reused.append(("anchor", a["sched"], a["w"], a["rescale"]))
+            continue
         row, x = diffusers_anchor(bench, a)
-        mine = samples.get(("cfg_rescale" if a["rescale"] else "cfg", a["w"], "dpmpp_2m", 10, 0, "karras"))
+        mine = samples.get(("cfg_rescale" if a["rescale"] else "cfg", a["w"], "dpmpp_2m", 10, 0, "karras", None))
         row["rms_to_diffkit"] = float((x - mine).pow(2).mean().sqrt()) if mine is not None else None
         anchor_rows.append(row)
         print(f"[anchor {time.perf_counter() - t_start:5.0f} s] {row['scheduler']} w {a['w']} rescale {a['rescale']}: "
@@ -1082,24 +1271,25 @@ def main(argv=None) -> int:
     data = {"meta": {"date": time.strftime("%Y-%m-%d"), "platform": platform.platform(), "torch": torch.__version__,
                      "diffusers": diffusers.__version__, "threads": torch.get_num_threads(), "n": n, "chunk": chunk,
                      "quick": quick, "command": "python bench/guidance.py" + (" --quick" if quick else "") +
-                     (f" --n {n}" if args.n else ""),
+                     (f" --n {n}" if args.n else "") + (" --resume" if old else ""),
                      "noisy_classifier": bench.noisy_note, "commit": commit(), "real_fd": real_fd(n),
                      "diffkit_source": str(Path(diffkit.__file__).parent), "rescale_noise_cfg": _rescale_noise_cfg()[1],
                      "cfg1_vs_cond": cfg1_vs_cond, "notes": notes, "seconds": time.perf_counter() - t_start,
                      "sat_level": SAT_LEVEL, "break_sat": BREAK_SAT, "diverge_rms": DIVERGE_RMS},
             "rows": rows, "anchors": anchor_rows, "target_a": target_a(rows),
             "target_b": target_b(rows, feats, bench.labels)}
-    if args.out:
-        out_dir = Path(args.out)
-    elif quick:
-        out_dir = Path(tempfile.mkdtemp(prefix="diffkit_bench_guidance_"))
-    else:
-        out_dir = HERE
+    if old:
+        data["meta"]["resume"] = {"source": old["source"], "date": old["meta"].get("date"),
+                                  "commit": old["meta"].get("commit"), "seconds": old["meta"].get("seconds"),
+                                  "reused": len(reused), "sampled": len(unique) + len(anchor_cfgs) - len(reused),
+                                  "sampled_keys": [list(key_of(c)) for c in unique if key_of(c) not in reused],
+                                  "references_resampled": resampled, "eps_migrated": old["eps_migrated"]}
+        carried = old["meta"].get("notes") or []
+        data["meta"]["notes"] = notes + [n for n in carried if n not in notes]
     figs_rel = "bench/figures" if out_dir == HERE else str(out_dir / "figures")
     md_path = Path(args.md) if args.md else (None if quick else ROOT / "BENCHMARKS.md")
     data["meta"]["seconds"] = time.perf_counter() - t_start
     render(data, out_dir, figs_rel, md_path)
-    res_path = out_dir / "results" / f"guidance{'_quick' if quick else ''}.json"
     atomic_write(res_path, json.dumps(data, indent=1, default=float).encode())
     print(summary(data))
     print(f"total {time.perf_counter() - t_start:.0f} s; results {res_path}; figures {out_dir / 'figures'}"
