@@ -664,9 +664,8 @@ def markdown(data, fig_rel) -> str:
           f"{meta['digits_cal']} other noises (labels cycling) against `solver_teacher(den, nfe="
           f"{meta['digits_teacher_nfe']})`. Anchors: {len(DIGITS_ANCHORS)} of bench/anchors.py's configurations "
           "driving the same UNet (diffusers EDM schedulers, diffusers VP schedulers through the VP-reparam table, "
-          "k-diffusion with the canonical denoiser). The digits plans are calibrated from float64 noises: with the "
-          "model's float32 states `linear_subspace` (and `joint`, which calls it) stops with a dtype error in "
-          "`torch.linalg.solve` (float32 features against the float64 starting coefficients).")
+          "k-diffusion with the canonical denoiser). The digits plans are calibrated from float64 noises (the "
+          "model runs in float32 inside; plans fitted from float32 noises work too).")
         w("")
         budgets = sorted({r["budget"] for r in dg})
         w("| contender | " + " | ".join(f"FD @ {b} | acc @ {b}" for b in budgets) + " | calibration s |")

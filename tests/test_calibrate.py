@@ -230,3 +230,13 @@ def test_bad_input():
                   teacher=MIX.flow_map)
     with pytest.raises(ValueError, match="process"):
         calibrate(MIX.denoise, 5, noises=z, teacher=MIX.flow_map)
+
+
+@pytest.mark.parametrize("method", ["linear_subspace", "joint"])
+def test_float32_models_calibrate(method):
+    """Plans fit float32 states (features are solved in float64, states stay in the model's dtype)."""
+    den = MIX.denoiser(EDM(), "eps")
+    z = noise(32, 2, 1).float()
+    plan = calibrate(den, 4, noises=z, heldout=0, teacher=MIX.flow_map, method=method, budget=5)
+    assert plan.metrics["error"] <= plan.metrics["start_error"]
+    assert diffkit.sample(den, z[:4], plan=plan).dtype == torch.float32
