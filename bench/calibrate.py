@@ -746,18 +746,10 @@ def plot(data, path: Path):
 
 
 def write_markdown(path: Path, section: str):
-    """Replace this script's block of BENCHMARKS.md (append it when missing), atomically."""
-    block = f"{START}\n{section}{END}\n"
-    text = path.read_text() if path.exists() else "# diffkit benchmarks\n"
-    if START in text and END in text:
-        pre, rest = text.split(START, 1)
-        _, post = rest.split(END, 1)
-        text = pre + block + post.lstrip("\n")
-    else:
-        text = text.rstrip("\n") + "\n\n" + block
-    tmp = path.with_name(path.name + ".calibrate.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    """Replace this script's block of BENCHMARKS.md (appended when missing), atomically."""
+    from diffkit.benchmark import write_block
+
+    write_block(path, section, "bench/calibrate.py")
 
 
 def report(data, fig_path: Path, md_path: Path):

@@ -917,18 +917,10 @@ def _kv(d: dict) -> str:
 
 
 def write_markdown(path: Path, section: str):
-    block = f"{START}\n{section}{END}\n"
-    if path.exists():
-        text = path.read_text()
-        if START in text and END in text:
-            pre, rest = text.split(START, 1)
-            _, post = rest.split(END, 1)
-            text = pre + block + post.lstrip("\n")
-        else:
-            text = text.rstrip("\n") + "\n\n" + block
-    else:
-        text = "# diffkit benchmarks\n\n" + block
-    path.write_text(text)
+    """Replace this script's block of BENCHMARKS.md (appended when missing), atomically."""
+    from diffkit.benchmark import write_block
+
+    write_block(path, section, "bench/solvers.py")
 
 
 def git_revision() -> tuple[str, list[str]]:
