@@ -349,13 +349,16 @@ def linear_subspace(problem: Problem, ridge: float = 1e-6, init=None):
 
 
 def joint(problem: Problem, max_evals: int = 400, grid_evals: int = 40):
-    """Grid (LD3-style), then learned coefficients (OLSS), then L-BFGS on levels, α and B together against the
-    teacher output (the final state is what users see; intermediate states are free to leave the teacher path).
+    """Grid (LD3-style), then learned coefficients (OLSS, kept if they lower the validation loss), then L-BFGS on
+    levels, α and B together against the teacher output (the final state is what users see; intermediate states
+    are free to leave the teacher path).
     The levels keep the grid parametrisation (first and last fixed, log-gaps floored), with early stopping on the
     validation split."""
     start = time.monotonic()
-    grid(problem, max_evals=grid_evals)
-    tau, alpha, B = linear_subspace(problem)
+    gridded = grid(problem, max_evals=grid_evals)
+    fitted = linear_subspace(problem, init=gridded)
+    with torch.no_grad():  # OLSS fits the teacher path, not the output: keep it only if the output improves
+        tau, alpha, B = min((gridded, fitted), key=lambda p: problem.val_loss(*p))
     levels = tau.tolist() + ([problem.grid[-1]] if problem.grid[-1] > 0 else [])
     logits, first, last, _ = _grid_param(levels)
     n = len(tau)
