@@ -115,17 +115,23 @@ def train_classifier(epochs: int = 40, seed: int = 0, batch_size: int = 64, lr: 
     return model, record
 
 
-def save_classifier(folder, model: DigitsClassifier, record: dict) -> Path:
-    """Write `folder`/model.safetensors + `folder`/config.json (architecture and training record)."""
+def save_frozen(folder, model: nn.Module, kind: str, input_desc: str, record: dict) -> Path:
+    """Write `folder`/model.safetensors + `folder`/config.json (kind, architecture, input, data split, training
+    record, tensor file info), atomically; `load_frozen` reads it back."""
     from .checkpoint import atomic_write, save_tensors
 
     folder = Path(folder)
     info = save_tensors(folder / "model.safetensors", model.state_dict())
-    meta = {"kind": "digits-classifier", "model": model.config(), "input": "(N, 1, 16, 16) in [-1, 1]",
+    meta = {"kind": kind, "model": model.config(), "input": input_desc,
             "split": {"seed": SPLIT_SEED, "held_out": HELD_OUT, "stratified": True}, "training": record,
             "tensors": info}
     atomic_write(folder / "config.json", json.dumps(meta, indent=1).encode())
     return folder
+
+
+def save_classifier(folder, model: DigitsClassifier, record: dict) -> Path:
+    """Write `folder`/model.safetensors + `folder`/config.json (architecture and training record)."""
+    return save_frozen(folder, model, "digits-classifier", "(N, 1, 16, 16) in [-1, 1]", record)
 
 
 _CACHE: dict = {}

@@ -148,17 +148,11 @@ def train_noisy_classifier(steps: int = 3000, seed: int = 0, batch_size: int = 1
 
 def save_noisy_classifier(folder, model: NoisyDigitsClassifier, record: dict) -> Path:
     """Write `folder`/model.safetensors + `folder`/config.json (architecture and training record), atomically."""
-    from ..checkpoint import atomic_write, save_tensors
-    from ..classifier import HELD_OUT, SPLIT_SEED
+    from ..classifier import save_frozen
 
-    folder = Path(folder)
-    info = save_tensors(folder / "model.safetensors", model.state_dict())
-    meta = {"kind": "digits-noisy-classifier", "model": model.config(),
-            "input": "x_bar (N, 1, 16, 16) = x0 + sigma_bar * eps with x0 in [-1, 1], sigma_bar scalar or (N,)",
-            "split": {"seed": SPLIT_SEED, "held_out": HELD_OUT, "stratified": True}, "training": record,
-            "tensors": info}
-    atomic_write(folder / "config.json", json.dumps(meta, indent=1).encode())
-    return folder
+    return save_frozen(folder, model, "digits-noisy-classifier",
+                       "x_bar (N, 1, 16, 16) = x0 + sigma_bar * eps with x0 in [-1, 1], sigma_bar scalar or (N,)",
+                       record)
 
 
 def load_noisy_classifier(folder=None) -> NoisyDigitsClassifier:
