@@ -79,15 +79,25 @@ def _classes(spec: str | None, num_classes: int) -> list[int] | None:
     return classes
 
 
+def _load_model_denoiser(args):
+    """(Denoiser, checkpoint config, sample shape, number of classes) of `args.model` on `args.device`."""
+    from .checkpoint import load_model
+    from .denoiser import Denoiser
+    from .processes import process_from_config
+
+    _check_device(args.device)
+    model, cfg = load_model(args.model, map_location=args.device)
+    den = Denoiser(model, process_from_config(cfg["process"]), cfg["prediction"])
+    shape = (cfg.get("data") or {}).get("shape") or _shape_from_model(cfg["model"])
+    return den, cfg, shape, int(cfg["model"].get("num_classes") or 0)
+
+
 def _cmd_sample(args) -> int:
     import numpy as np
     import torch
 
     from .calibrate.plan import SolverPlan
-    from .checkpoint import load_model
-    from .denoiser import Denoiser
     from .noise import randn
-    from .processes import process_from_config
     from .solvers import get_solver, plan, sample
 
     solver_plan = None
@@ -101,15 +111,10 @@ def _cmd_sample(args) -> int:
         args.nfe = 20
     if args.solver is not None:
         get_solver(args.solver)  # unknown solver: fail before loading anything
-    _check_device(args.device)
-    model, cfg = load_model(args.model, map_location=args.device)
-    process = process_from_config(cfg["process"])
+    den, cfg, shape, num_classes = _load_model_denoiser(args)
     if solver_plan is None:
-        plan(args.solver, process=process, nfe=args.nfe, schedule=args.schedule)  # budget / schedule errors early
-    den = Denoiser(model, process, cfg["prediction"])
-    num_classes = int(cfg["model"].get("num_classes") or 0)
+        plan(args.solver, process=den.process, nfe=args.nfe, schedule=args.schedule)  # budget / schedule errors early
     classes = _classes(args.classes, num_classes)
-    shape = (cfg.get("data") or {}).get("shape") or _shape_from_model(cfg["model"])
     labels = None
     if classes is not None:
         labels = torch.tensor(classes).repeat_interleave(args.n)
@@ -237,19 +242,11 @@ def _cmd_calibrate(args) -> int:
     import torch
 
     from .calibrate import calibrate, methods, solver_teacher
-    from .checkpoint import load_model
-    from .denoiser import Denoiser
     from .noise import randn
-    from .processes import process_from_config
 
     if args.method not in methods():
         raise ValueError(f"unknown calibration method {args.method!r}; valid: {', '.join(methods())}")
-    _check_device(args.device)
-    model, cfg = load_model(args.model, map_location=args.device)
-    process = process_from_config(cfg["process"])
-    den = Denoiser(model, process, cfg["prediction"])
-    shape = (cfg.get("data") or {}).get("shape") or _shape_from_model(cfg["model"])
-    num_classes = int(cfg["model"].get("num_classes") or 0)
+    den, _, shape, num_classes = _load_model_denoiser(args)
 
     def draw(n, offset):
         noise = randn((n, *shape), seeds=[args.seed * 1_000_003 + offset + i for i in range(n)]).to(args.device)
