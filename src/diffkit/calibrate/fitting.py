@@ -188,36 +188,15 @@ def evolution(problem: Problem, population: int = 16, generations: int = 25, sig
     (log-gap logits), fitness = teacher loss of the starting solver on the calibration noises (no gradients),
     each generation keeps the best quarter and refills with mutations (Gaussian in the logits) and uniform
     crossovers of the survivors."""
-    base_logits, first, last, to_zero = _grid_param(problem.grid)
-    if len(base_logits) < 2:
-        return problem.base()
-    rng = np.random.default_rng(seed)
 
-    def fitness(lg):
-        tau, alpha, B = problem.base(_grid_list(torch.as_tensor(lg), first, last, to_zero))
+    def fitness(grid):
         with torch.no_grad():
-            v = problem.loss(tau, alpha, B).item()
+            v = problem.loss(*problem.base(grid)).item()
         return v if math.isfinite(v) else math.inf
 
-    pop = [base_logits.numpy()] + [base_logits.numpy() + sigma * rng.standard_normal(len(base_logits))
-                                   for _ in range(population - 1)]
-    scores = [fitness(p) for p in pop]
-    for _ in range(generations):
-        if problem.out_of_time():
-            break
-        order = np.argsort(scores)
-        keep = [pop[i] for i in order[:max(2, population // 4)]]
-        kscores = [scores[i] for i in order[:len(keep)]]
-        children = []
-        while len(keep) + len(children) < population:
-            if rng.random() < 0.5:
-                a, b = rng.choice(len(keep), 2, replace=False)
-                mask = rng.random(len(base_logits)) < 0.5
-                children.append(np.where(mask, keep[a], keep[b]))
-            else:
-                children.append(keep[rng.integers(len(keep))] + sigma * rng.standard_normal(len(base_logits)))
-        pop, scores = keep + children, kscores + [fitness(c) for c in children]
-    problem.grid = _grid_list(torch.as_tensor(pop[int(np.argmin(scores))]), first, last, to_zero)
+    best = _evolve_grid(problem, fitness, generations, population, sigma, seed, crossover=0.5)
+    if best is not None:
+        problem.grid = best
     return problem.base()
 
 
@@ -292,23 +271,34 @@ def s3(problem: Problem, sweeps: int = 2, candidates: dict | None = None):
     return compose(tab, choice)
 
 
-def _evolve_grid(problem: Problem, fitness, generations: int, population: int = 12, sigma: float = 0.25, seed=1):
+def _evolve_grid(problem: Problem, fitness, generations: int, population: int = 12, sigma: float = 0.25, seed=1,
+                 crossover: float = 0.0):
+    """Evolve grid log-gap logits from the problem's grid: keep the best quarter of the population, refill with
+    uniform crossovers of two survivors (probability `crossover`) or Gaussian mutations of one; `fitness(grid)`
+    scores a grid. Returns the best grid (None when the grid has no free level)."""
     base, first, last, to_zero = _grid_param(problem.grid)
     if len(base) < 2:
         return None
     rng = np.random.default_rng(seed)
+
+    def score(logits):
+        return fitness(_grid_list(torch.as_tensor(logits), first, last, to_zero))
+
     pop = [base.numpy()] + [base.numpy() + sigma * rng.standard_normal(len(base)) for _ in range(population - 1)]
-    grids = [_grid_list(torch.as_tensor(p), first, last, to_zero) for p in pop]
-    scores = [fitness(g) for g in grids]
+    scores = [score(p) for p in pop]
     for _ in range(generations):
         if problem.out_of_time():
             break
         order = np.argsort(scores)[:max(2, population // 4)]
         keep, kscores = [pop[i] for i in order], [scores[i] for i in order]
-        kids = [keep[rng.integers(len(keep))] + sigma * rng.standard_normal(len(base))
-                for _ in range(population - len(keep))]
-        pop, scores = keep + kids, kscores + [fitness(_grid_list(torch.as_tensor(k), first, last, to_zero))
-                                              for k in kids]
+        kids = []
+        while len(keep) + len(kids) < population:
+            if crossover and rng.random() < crossover:
+                a, b = rng.choice(len(keep), 2, replace=False)
+                kids.append(np.where(rng.random(len(base)) < 0.5, keep[a], keep[b]))
+            else:
+                kids.append(keep[rng.integers(len(keep))] + sigma * rng.standard_normal(len(base)))
+        pop, scores = keep + kids, kscores + [score(k) for k in kids]
     return _grid_list(torch.as_tensor(pop[int(np.argmin(scores))]), first, last, to_zero)
 
 
