@@ -21,6 +21,7 @@ import hashlib
 import json
 import math
 import warnings
+import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -84,15 +85,7 @@ class SolverPlan:
         if not all(s > 0 for s in self.sigmas) or self.sigma_end < 0:
             raise PlanError("call levels must be positive and sigma_end non-negative")
 
-    # -- as tensors (differentiable calibration works on these) --------------------------------------------------
-    def tensors(self, dtype=torch.float64) -> tuple[Tensor, Tensor, Tensor]:
-        """(τ (n,), α (n,), B (n, n) lower-triangular)."""
-        n = self.nfe
-        B = torch.zeros(n, n, dtype=dtype)
-        for j, row in enumerate(self.coeffs):
-            B[j, :j + 1] = torch.tensor(row, dtype=dtype)
-        return torch.tensor(self.sigmas, dtype=dtype), torch.tensor(self.alpha, dtype=dtype), B
-
+    # -- from the tensors the calibration methods fit ---------------------------------------------------------
     @classmethod
     def from_tensors(cls, tau: Tensor, alpha: Tensor, B: Tensor, **meta) -> SolverPlan:
         n = len(tau)
@@ -196,19 +189,30 @@ def run_linear(denoiser, x: Tensor, tau, alpha, B, *, cond=None, callback=None, 
     return x
 
 
+# network -> (weights' version counters, hash); weak keys, so a freed network's entry never matches a new one
+_FINGERPRINTS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
 def fingerprint(denoiser) -> str | None:
-    """A short hash of the weights of the network under `denoiser` (None when it has no parameters)."""
+    """A short hash of the weights of the network under `denoiser` (None when it has no parameters); recomputed
+    only when a weight tensor has been replaced or modified since the last call (torch's per-tensor version
+    counters)."""
     net = denoiser
     for _ in range(8):
-        if isinstance(net, torch.nn.Module):
+        if net is None or isinstance(net, torch.nn.Module):
             break
-        net = getattr(net, "model", None) or getattr(net, "denoiser", None)
-        if net is None:
-            return None
+        inner = getattr(net, "model", None)
+        net = inner if inner is not None else getattr(net, "denoiser", None)
     if not isinstance(net, torch.nn.Module):
         return None
+    state = sorted(net.state_dict(keep_vars=True).items())
+    versions = tuple((id(v), v.data_ptr(), v._version) for _, v in state)  # replaced or modified weights
+    cached = _FINGERPRINTS.get(net)
+    if cached is not None and cached[0] == versions:
+        return cached[1]
     h = hashlib.sha256()
-    for name, p in sorted(net.state_dict().items()):
+    for name, v in state:
         h.update(name.encode())
-        h.update(p.detach().to("cpu").contiguous().numpy().tobytes())
-    return h.hexdigest()[:16]
+        h.update(v.detach().to("cpu").contiguous().numpy().tobytes())
+    _FINGERPRINTS[net] = (versions, h.hexdigest()[:16])
+    return _FINGERPRINTS[net][1]
