@@ -6,7 +6,8 @@ Mixtures: the three testbeds of bench/solvers.py (ring2d EDM, random16d SD-VP, r
 the calibration methods were developed (grid2d: `GaussianMixture.grid()` under rectified flow; random32d:
 `GaussianMixture.random(32, seed=7)` under continuous linear VP). Every contender starts from the same held-out
 noises (bench/solvers.py's held-out set) and is scored by `rel_err` against the exact flow map. Plans are calibrated
-on 1024 other noises against `solver_teacher(den, nfe=300)`; the exact flow map is only the evaluation reference.
+on 1024 noises selected from 8192 screened ones (`select=1024`) against `solver_teacher(den, nfe=300)`; the exact
+flow map is only the evaluation reference.
 Digits: the shipped class-conditional model; Fréchet distance and classifier accuracy of 500 samples, a plan at
 NFE 6 (5, 8) against anchors at NFE 6, 8, 10. Writes bench/results/calibrate.json, bench/figures/calibrate.png
 and the `bench/calibrate.py` block of BENCHMARKS.md.
@@ -57,7 +58,9 @@ NFES = (4, 5, 6, 8, 10, 12)
 TARGET_NFES = (5, 6, 8, 10)
 METHOD_KEYS = ("ring2d", "random64d")
 CAL_SEED = 3000  # calibration noises: CAL_SEED + testbed index (the evaluation noises are HELDOUT_SEED + index)
+N_POOL = 8192  # screened noises; the teacher labels N_CAL of them (`calibrate(select=N_CAL)`)
 N_CAL = 1024
+ABLATION_NFES = (6, 10)  # joint plans on N_CAL uniform noises (no selection), for comparison
 TEACHER_NFE = 300
 BUDGET = {"joint": 60.0}
 DEFAULT_BUDGET = 30.0
@@ -66,7 +69,8 @@ ANCHOR_LIBS = ("diffusers", "k-diffusion")
 # digits
 DIGITS_N = 500
 DIGITS_SEED = 4000
-DIGITS_CAL = 128
+DIGITS_POOL = 1024
+DIGITS_CAL = 256
 DIGITS_TEACHER_NFE = 100
 DIGITS_NFES = (6, 8, 10)
 DIGITS_PLANS = (("joint", 6, 180.0), ("linear_subspace", 6, 60.0), ("linear_subspace", 8, 60.0))
@@ -124,10 +128,11 @@ def own_err(rec: dict) -> float:
 
 
 def _plan_task(task):
-    key, nfe, method, budget = task
+    key, nfe, method, budget, select = task
     torch.set_num_threads(1)
     b = S.bed(key, True)
-    rec = {"kind": "plan", "testbed": key, "library": "diffkit-calibrated", "config": f"plan:{method}",
+    rec = {"kind": "plan" if select else "ablation", "testbed": key, "library": "diffkit-calibrated",
+           "config": f"plan:{method}" + ("" if select else f" ({G['n_cal']} uniform noises)"),
            "method": method, "budget": nfe, "calibration_budget_s": budget, "status": "ok"}
     t0 = time.perf_counter()
     try:
@@ -135,8 +140,9 @@ def _plan_task(task):
         teacher = diffkit.calibrate.solver_teacher(den, nfe=G["teacher_nfe"])
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            plan = diffkit.calibrate(den, nfe, noises=cal_noise(key, G["n_cal"]), heldout=b.noise, teacher=teacher,
-                                     method=method, budget=budget)
+            noises = cal_noise(key, G["n_pool"] if select else G["n_cal"])
+            plan = diffkit.calibrate(den, nfe, noises=noises, heldout=b.noise, teacher=teacher, method=method,
+                                     budget=budget, select=G["n_cal"] if select else None)
         rec["load_after"] = os.getloadavg()[0]
         model = A.Counted(b.mixture.model(b.process, "eps"))
         cden = diffkit.Denoiser(model, b.process, "eps")
@@ -227,13 +233,13 @@ def _digits_task(task):
             g = torch.Generator().manual_seed(DIGITS_SEED + 1)
             # float64 calibration noises: linear_subspace (and joint, which calls it) fails on float32 states
             # (`torch.linalg.solve` of float32 features against the float64 starting coefficients); see the report
-            cal = torch.randn(G["digits_cal"], 1, 16, 16, generator=g, dtype=F64)
-            cal_labels = torch.arange(G["digits_cal"]) % 10
+            cal = torch.randn(DIGITS_POOL, 1, 16, 16, generator=g, dtype=F64)
+            cal_labels = torch.arange(DIGITS_POOL) % 10
             teacher = diffkit.calibrate.solver_teacher(den, nfe=DIGITS_TEACHER_NFE)
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
                 plan = diffkit.calibrate(den, nfe, noises=cal, heldout=0, teacher=teacher, method=method,
-                                         budget=budget, cond={"label": cal_labels})
+                                         budget=budget, cond={"label": cal_labels}, select=G["digits_cal"])
                 with torch.no_grad():
                     x = diffkit.sample(den, noise, plan=plan, cond={"label": labels})
             rec.update(nfe=plan.nfe, metrics=plan.metrics, plan={k: v for k, v in plan.to_dict().items()
@@ -312,14 +318,17 @@ def build_tasks(args) -> list[tuple]:
             tasks.append(("digits", "plan", method, nfe, budget * args.budget_scale))
     for key in keys:
         for nfe in nfes:
-            tasks.append(("plan", key, nfe, "joint", BUDGET["joint"] * args.budget_scale))
+            tasks.append(("plan", key, nfe, "joint", BUDGET["joint"] * args.budget_scale, True))
+    for key in keys:
+        for nfe in args.ablation_nfes:
+            tasks.append(("plan", key, nfe, "joint", BUDGET["joint"] * args.budget_scale, False))
     for key in args.method_keys:
         for nfe in args.method_nfes:
             for method in diffkit.calibrate.methods():
                 if method == "joint" and nfe in nfes and key in keys:
                     continue
                 b = BUDGET.get(method, DEFAULT_BUDGET) * args.budget_scale
-                tasks.append(("plan", key, nfe, method, b))
+                tasks.append(("plan", key, nfe, method, b, True))
     if args.digits:
         for name in ("default",) + DIGITS_ANCHORS:
             tasks.append(("digits", "fixed", name, DIGITS_NFES))
@@ -347,12 +356,12 @@ def main(argv=None):
         report(data, fig_path, md_path)
         return 0
     args.keys, args.nfes, args.method_keys, args.method_nfes = KEYS, NFES, METHOD_KEYS, (6,)
-    args.budget_scale = 1.0
-    G.update(n_cal=N_CAL, teacher_nfe=TEACHER_NFE, digits_n=DIGITS_N, digits_cal=DIGITS_CAL)
+    args.budget_scale, args.ablation_nfes = 1.0, ABLATION_NFES
+    G.update(n_cal=N_CAL, n_pool=N_POOL, teacher_nfe=TEACHER_NFE, digits_n=DIGITS_N, digits_cal=DIGITS_CAL)
     if args.quick:
         args.n, args.keys, args.nfes, args.method_keys, args.digits = 200, ("ring2d",), (5,), ("ring2d",), False
-        args.method_nfes, args.budget_scale = (5,), 0.2
-        G.update(n_cal=256)
+        args.method_nfes, args.budget_scale, args.ablation_nfes = (5,), 0.2, ()
+        G.update(n_cal=256, n_pool=1024)
     S.G.update(n=args.n, quick=False, diffkit=fixed_configs())
     torch.set_num_threads(1)
     t_start, load0 = time.time(), os.getloadavg()
@@ -391,12 +400,12 @@ def main(argv=None):
     wall = time.time() - t_start
     meta = {"command": "python bench/calibrate.py" + (" --quick" if args.quick else "") +
             (f" --jobs {args.jobs}" if args.jobs != 2 else ""), "quick": args.quick, "jobs": args.jobs,
-            "n": args.n, "n_cal": G["n_cal"], "teacher_nfe": G["teacher_nfe"], "wall_s": wall,
+            "n": args.n, "n_cal": G["n_cal"], "n_pool": G["n_pool"], "teacher_nfe": G["teacher_nfe"], "wall_s": wall,
             "load_start": list(load0), "load_end": list(os.getloadavg()),
             "load_max_sampled": max(loads), "machine": S.machine(), "revision": S.git_revision(),
             "keys": list(args.keys), "nfes": list(args.nfes), "method_keys": list(args.method_keys),
             "method_nfes": list(args.method_nfes), "titles": {k: S.TESTBEDS[k][0] for k in args.keys},
-            "digits": args.digits, "digits_n": DIGITS_N, "digits_cal": DIGITS_CAL,
+            "digits": args.digits, "digits_n": DIGITS_N, "digits_cal": DIGITS_CAL, "digits_pool": DIGITS_POOL,
             "digits_teacher_nfe": DIGITS_TEACHER_NFE, "budgets": {"joint": BUDGET["joint"] * args.budget_scale,
                                                                  "others": DEFAULT_BUDGET * args.budget_scale}}
     for r in records:
@@ -529,9 +538,12 @@ def markdown(data, fig_rel) -> str:
       "map divided by the RMS of the reference, **at the configuration's own end level** (σ̄ = 0, or σ̄_min for "
       "configurations that stop there, e.g. diffkit's default and the plans calibrated from it at NFE ≤ 12, and "
       "k-diffusion's DPM-Solver-fast); the σ̄ = 0 error of every contender is in the JSON and in the second "
-      f"verdict line below. Plans: `diffkit.calibrate(den, nfe, noises=<{meta['n_cal']} standard-normal noises, "
-      f"seed {CAL_SEED}+index>, heldout=<the evaluation noises>, teacher=solver_teacher(den, nfe="
-      f"{meta['teacher_nfe']}), method=..., budget=...)` with budget {meta['budgets']['joint']:.0f} s for `joint`, "
+      f"verdict line below. Plans: `diffkit.calibrate(den, nfe, noises=<{meta.get('n_pool', meta['n_cal'])} "
+      f"standard-normal noises, seed {CAL_SEED}+index>, select={meta['n_cal']}, heldout=<the evaluation noises>, "
+      f"teacher=solver_teacher(den, nfe={meta['teacher_nfe']}), method=..., budget=...)` (the teacher labels "
+      f"{meta['n_cal']} of the screened noises: the quarter the starting solver gets most wrong and an "
+      "importance-weighted uniform sample of the rest, see `diffkit.calibrate.select_noises`) with budget "
+      f"{meta['budgets']['joint']:.0f} s for `joint`, "
       f"{meta['budgets']['others']:.0f} s for the other methods; each starts from the best of diffkit's "
       "starting candidates for that NFE (`plan.metrics['start']`). "
       "The exact flow map is only the evaluation reference. Best fixed diffkit: the lowest error over the default "
@@ -581,6 +593,26 @@ def markdown(data, fig_rel) -> str:
             ratio0 = f"{p0['err'] / a0['err']:.3f}" if p0 and a0 else "—"
             w(f"| {row['nfe']} | {_name(p)} | {_e(p)} | {_name(d)} | {_e(d)} | {_e(df)} | {_name(a)} | {_e(a)} | "
               f"{ratio} | {ratio0} |")
+        w("")
+    ablation = [r for r in recs if r["kind"] == "ablation" and _ok(r)]
+    if ablation:
+        w("### Stratified calibration noises against uniform ones (joint plans)")
+        w("")
+        w(f"The same joint calibration (same budget, teacher and held-out noises) on {meta['n_cal']} uniform noises "
+          f"(no `select`) and on {meta['n_cal']} selected from {meta.get('n_pool')} screened noises (the plans "
+          "above). The relative RMS error of a few-step sampler is dominated by the rare noises it sends to another "
+          "mode; the selection puts a quarter of the teacher's labels on them.")
+        w("")
+        w("| mixture | NFE | selected: held-out error | uniform: held-out error | selected / uniform | "
+          "calibration s (selected / uniform) |")
+        w("|---|---:|---:|---:|---:|---:|")
+        for key in keys:
+            for r in sorted((r for r in ablation if r["testbed"] == key), key=lambda r: r["budget"]):
+                m = best(recs, key, r["budget"], ("plan",), pred=lambda q: q["method"] == "joint")
+                if m is None:
+                    continue
+                w(f"| {key} | {r['budget']} | {_e(m)} | {_e(r)} | {own_err(m) / own_err(r):.2f} | "
+                  f"{m['calibration_seconds']:.0f} / {r['calibration_seconds']:.0f} |")
         w("")
     # methods
     mkeys = meta["method_keys"]
@@ -661,7 +693,8 @@ def markdown(data, fig_rel) -> str:
         w(f"{meta['digits_n']} samples from the same noises for every contender; FD = Fréchet distance in the digits "
           "classifier's feature space to the real held-out digits (`frechet_digits_distance`), accuracy = the "
           "classifier's agreement with the label. Plans: calibrated on "
-          f"{meta['digits_cal']} other noises (labels cycling) against `solver_teacher(den, nfe="
+          f"{meta['digits_cal']} noises selected (`select`) from {meta.get('digits_pool', meta['digits_cal'])} "
+          "other noises (labels cycling) against `solver_teacher(den, nfe="
           f"{meta['digits_teacher_nfe']})`. Anchors: {len(DIGITS_ANCHORS)} of bench/anchors.py's configurations "
           "driving the same UNet (diffusers EDM schedulers, diffusers VP schedulers through the VP-reparam table, "
           "k-diffusion with the canonical denoiser). The digits plans are calibrated from float64 noises (the "

@@ -207,6 +207,96 @@ def test_plan_error_and_run_linear_agree():
     assert plan_error(plan, den, x, out) == 0.0
 
 
+# -- stratified calibration sets (select=) ---------------------------------------------------------------------------
+
+
+def _start(den, nfe):
+    spec, grid, opts, _ = diffkit.solvers.plan("euler", process=den.process, nfe=nfe, schedule="karras")
+    return spec, [float(s) for s in grid], opts
+
+
+def test_select_noises_takes_the_hardest_whole_and_weights_the_rest():
+    """The hard stratum is the noises the start solver gets most wrong (against the screening reference), taken
+    with weight 1; the rest is a uniform sample weighted (N - h) / (select - h): weights sum to N."""
+    den = MIX.denoiser(EDM(), "eps")
+    x0 = EDM().noise_to_canonical(noise(400, 2, 3), 80.0)
+    idx, w = diffkit.calibrate.select_noises(den, x0, 4, 40, _start(den, 4), hard_fraction=0.25, seed=1)
+    sel = x0[idx]
+    assert sel.shape == (40, 2) and w.shape == (40,) and len(set(idx.tolist())) == 40
+    assert int((w == 1).sum()) == 10
+    torch.testing.assert_close(w[w != 1], torch.full((30,), 390 / 30, dtype=F64))
+    assert abs(float(w.sum()) - 400) < 1e-9
+    # the hard ones are exactly the 10 largest screening errors
+    spec, grid, opts = _start(den, 4)
+    out = diffkit.sample(den, x0 / 80.0, solver="euler", nfe=4, schedule="karras")
+    ref = solver_teacher(den, nfe=24)(x0, grid[0], grid[-1])
+    err = (out - ref).pow(2).sum(1)
+    top = {tuple(r) for r in x0[err.argsort(descending=True)[:10]].tolist()}
+    assert {tuple(r) for r in sel[w == 1].tolist()} == top
+
+
+def test_select_noises_is_an_unbiased_estimate_of_the_population_mean():
+    """Σ w_i f(x_i) / N over the stratified selection averages (over seeds) to the mean of f over all noises, and
+    spreads less than a uniform sample of the same size when f is heavy-tailed (the sharp ring at NFE 5, where a
+    few samples are far off): the hard stratum holds the tail."""
+    mix = GaussianMixture.ring()
+    den = mix.denoiser(EDM(), "eps")
+    x0 = EDM().noise_to_canonical(noise(300, 2, 4), 80.0)
+    spec, grid, opts = _start(den, 5)
+    out = diffkit.sample(den, x0 / 80.0, solver="euler", nfe=5, schedule="karras")
+    f_all = (out - mix.flow_map(x0, 80.0, grid[-1])).pow(2).sum(1)
+    f = dict(zip(map(tuple, x0.tolist()), f_all.tolist()))
+    est, uni = [], []
+    for seed in range(60):
+        idx, w = diffkit.calibrate.select_noises(den, x0, 5, 30, (spec, grid, opts), seed=seed)
+        sel = x0[idx]
+        est.append(sum(wi * f[tuple(r)] for wi, r in zip(w.tolist(), sel.tolist())) / 300)
+        idx = torch.randperm(300, generator=torch.Generator().manual_seed(seed))[:30]
+        uni.append(float(f_all[idx].mean()))
+    est, uni = torch.tensor(est, dtype=F64), torch.tensor(uni, dtype=F64)
+    assert abs(float(est.mean()) - float(f_all.mean())) < 3 * float(est.std()) / 60 ** 0.5
+    assert float(est.std()) < 0.7 * float(uni.std())
+
+
+def test_calibrate_with_selection_records_it_and_never_does_worse():
+    den = MIX.denoiser(EDM(), "eps")
+    plan = calibrate(den, 5, noises=noise(512, 2, 1), heldout=noise(64, 2, 2), teacher=MIX.flow_map,
+                     method="joint", budget=8, select=64)
+    m = plan.metrics
+    assert m["calibration_noises"] == 64 and m["screened_noises"] == 512 and m["hard_noises"] == 16
+    assert m["error"] <= m["start_error"] + 1e-12
+
+
+def test_selection_slices_per_sample_conditioning():
+    """With per-sample labels the selected noises keep their own labels: a plan calibrated on a selection of
+    class-conditional starts matches the teacher run on those starts with those labels."""
+    mix = GaussianMixture.ring(n_modes=4, std=0.2)
+    den = mix.denoiser(EDM(), "eps")
+    z = noise(128, 2, 1)
+    labels = torch.arange(128) % 4
+    teacher = solver_teacher(den, nfe=60)
+    plan = calibrate(den, 4, noises=z, heldout=0, teacher=teacher, cond={"label": labels}, select=32,
+                     method="linear_subspace", solver="euler", schedule="karras", end="sigma_min")
+    idx, w = diffkit.calibrate.select_noises(den, EDM().noise_to_canonical(z, 80.0), 4, 32,
+                                             _start(den, 4)[:1] + (plan.metrics["grid"], {}),
+                                             cond={"label": labels})
+    x0 = EDM().noise_to_canonical(z, 80.0)[idx]
+    target = teacher(x0, 80.0, plan.sigma_end, label=labels[idx])
+    err = plan_error(plan, den, x0, target, {"label": labels[idx]}, w)
+    assert abs(err - plan.metrics["error"]) < 1e-9 and err < plan.metrics["start_error"]
+
+
+def test_select_bad_input():
+    den = MIX.denoiser(EDM(), "eps")
+    z = noise(32, 2, 1)
+    with pytest.raises(ValueError, match="more than the 32"):
+        calibrate(den, 5, noises=z, heldout=0, teacher=MIX.flow_map, select=64)
+    with pytest.raises(ValueError, match="select must be an integer >= 2"):
+        calibrate(den, 5, noises=z, heldout=0, teacher=MIX.flow_map, select=1)
+    with pytest.raises(ValueError, match="hard_fraction"):
+        calibrate(den, 5, noises=z, heldout=0, teacher=MIX.flow_map, select=16, hard_fraction=1.0)
+
+
 # -- bad input ------------------------------------------------------------------------------------------------------
 
 

@@ -129,10 +129,20 @@ def test_calibrate_then_sample_with_the_plan(tmp_path, capsys):
     assert meta["nfe"] == 4 and meta["solver"] == "plan:solver" and meta["plan"] == str(plan)
 
 
+def test_calibrate_with_selected_noises(tmp_path, capsys):
+    plan = tmp_path / "plan.json"
+    assert main(["calibrate", "--nfe", "4", "--method", "solver", "--noises", "12", "--select", "4",
+                 "--heldout", "0", "--teacher-nfe", "6", "--out", str(plan), "--no-progress"]) == 0
+    assert "on 4 calibration noises" in capsys.readouterr().out
+    m = json.loads(plan.read_text())["metrics"]
+    assert m["screened_noises"] == 12 and m["hard_noises"] == 1
+
+
 @pytest.mark.parametrize("argv, match", [
     (["sample", "--plan", "/no/such/plan.json"], "plan.json"),
     (["sample", "--plan", "PLAN", "--solver", "heun"], "--plan fixes"),
     (["calibrate", "--nfe", "4", "--method", "nosuch"], "unknown calibration method"),
+    (["calibrate", "--nfe", "4", "--noises", "8", "--select", "16"], "more than the 8"),
 ])
 def test_plan_bad_input(tmp_path, argv, match, capsys):
     (tmp_path / "bad.json").write_text("{not json")

@@ -257,7 +257,7 @@ def _cmd_calibrate(args) -> int:
     held, held_cond = draw(args.heldout, 500_000) if args.heldout else (0, None)
     plan = calibrate(den, args.nfe, solver=args.solver, noises=noise, heldout=held, method=args.method,
                      budget=args.budget, cond=cond, heldout_cond=held_cond, verbose=not args.no_progress,
-                     teacher=solver_teacher(den, nfe=args.teacher_nfe))
+                     teacher=solver_teacher(den, nfe=args.teacher_nfe), select=args.select)
     plan.metrics["model"] = str(args.model)
     plan.save(args.out)
     m = plan.metrics
@@ -343,6 +343,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = _sub(sub, "calibrate", "fit a solver plan (step levels and coefficients) to a model for a budget of calls",
              "  diffkit calibrate --nfe 6 --out plan.json                 # shipped digits model, joint method\n"
              "  diffkit calibrate --nfe 6 --method evolution --budget 60 --out plan.json\n"
+             "  diffkit calibrate --nfe 6 --noises 1024 --select 128 --out plan.json   # mine hard noises\n"
              "  diffkit sample --plan plan.json\n")
     p.add_argument("--model", default=str(SHIPPED), help="exported model folder or training checkpoint")
     p.add_argument("--nfe", type=_positive, required=True, help="budget of model calls of the plan")
@@ -350,6 +351,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--solver", default=None, help="starting solver (default: the budget's default)")
     p.add_argument("--noises", type=_positive, default=256, help="calibration noises (default: %(default)s)")
     p.add_argument("--heldout", type=int, default=256, help="held-out noises, only measured (default: %(default)s)")
+    p.add_argument("--select", type=_positive, default=None,
+                   help="teacher-label only this many of the --noises: the quarter the starting solver gets most "
+                        "wrong and a weighted sample of the rest (rare hard noises dominate the error)")
     p.add_argument("--budget", type=float, default=90.0, help="optimiser wall time in seconds (default: %(default)s)")
     p.add_argument("--teacher-nfe", type=_positive, default=100,
                    help="model calls of the teacher's high-accuracy solve (default: %(default)s)")

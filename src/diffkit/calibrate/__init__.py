@@ -28,7 +28,7 @@ Tensor = torch.Tensor
 F64 = torch.float64
 
 __all__ = ["calibrate", "SolverPlan", "PlanError", "solver_teacher", "methods", "plan_error", "linear_solvers",
-           "run_linear"]
+           "run_linear", "select_noises"]
 
 methods = M.methods
 
@@ -54,18 +54,20 @@ def solver_teacher(denoiser, nfe: int = 150, solver: str = "dpm_solver_3") -> Ca
     return teacher
 
 
-def plan_error(plan: SolverPlan, denoiser, x0: Tensor, target: Tensor, cond=None) -> float:
-    """Relative RMS error ||plan(x̄_0) - target|| / ||target|| (over all samples)."""
+def plan_error(plan: SolverPlan, denoiser, x0: Tensor, target: Tensor, cond=None, weights=None) -> float:
+    """Relative RMS error ||plan(x̄_0) - target|| / ||target|| over all samples (importance-weighted with
+    `weights`, see `fitting.rel_mse`)."""
     with torch.no_grad():
         out = plan.run(denoiser, x0, cond=cond)
-    return float((out - target).pow(2).mean().sqrt() / target.pow(2).mean().sqrt())
+    return float(M.rel_mse(out, target, weights).sqrt())
 
 
 def calibrate(denoiser, nfe: int, *, solver: str | None = None, noises: int | Tensor = 256,
               heldout: int | Tensor = 256, teacher: Callable | None = None, method: str = "joint",
               budget: float = 90.0, schedule: str | None = None, end: str | None = None, options: dict | None = None,
               cond: dict | None = None, heldout_cond: dict | None = None, seed: int = 0, neighbours: bool = True,
-              validation: bool = True, verbose: bool = False, shape: tuple | None = None) -> SolverPlan:
+              validation: bool = True, verbose: bool = False, shape: tuple | None = None,
+              select: int | None = None, hard_fraction: float = 0.25) -> SolverPlan:
     """Fit a `SolverPlan` with `nfe` model calls to `denoiser` (a `diffkit.Denoiser` with a process).
 
     The plan starts from `solver` on its grid for the budget (default: diffkit's default configuration for `nfe`;
@@ -76,11 +78,19 @@ def calibrate(denoiser, nfe: int, *, solver: str | None = None, noises: int | Te
     none) only measure. `budget` is the wall time
     in seconds the optimiser may use. The result never does worse than its starting plan on the calibration
     noises (the start is returned when nothing better was found). `plan.metrics` reports calibration and held-out
-    relative RMS errors of the start and of the plan, timings and, with `neighbours`, the starting solver at
+    relative RMS errors of the start and of the plan, timings (`teacher_seconds` includes the screening of
+    `select`) and, with `neighbours`, the starting solver at
     nfe - 1 and nfe + 1 with the plan's grid resampled (a grid transfers between budgets, coefficients do not).
     `cond` (and `heldout_cond` for the held-out noises, needed when `cond` holds per-sample tensors) go to the model
     and to the teacher. With `validation` (and unconditional or shared conditioning), a quarter of the calibration
-    noises is held back from the gradient-based optimisers, which keep the parameters best on it (early stopping)."""
+    noises is held back from the gradient-based optimisers, which keep the parameters best on it (early stopping).
+
+    `select` (fewer than the noises): the teacher labels only `select` of them, chosen by `select_noises` —
+    the `hard_fraction` on which the starting solver is most wrong (screened against a cheap reference) and a
+    uniform sample of the rest, importance-weighted so that every loss and error is an unbiased estimate of the
+    error over all the noises. The relative RMS error of a few-step sampler is dominated by rare noises whose
+    trajectories pass near a boundary between modes (a small error there sends the sample to another mode); a
+    stratified calibration set sees many of them at the cost of one teacher run per selected noise."""
     if method not in M.METHODS:
         raise ValueError(f"unknown calibration method {method!r}; valid: {', '.join(M.METHODS)}")
     process = getattr(denoiser, "process", None)
@@ -100,6 +110,14 @@ def calibrate(denoiser, nfe: int, *, solver: str | None = None, noises: int | Te
         if _per_sample(cond) and xh is not None:
             raise ValueError("cond holds per-sample tensors: give heldout_cond for the held-out noises")
         heldout_cond = cond
+    weights, screened = None, None
+    if select is not None:
+        screened, t_screen = len(x0), time.monotonic()
+        idx, weights = select_noises(denoiser, x0, nfe, select, (spec, grid, opts), hard_fraction=hard_fraction,
+                                     seed=seed, cond=cond)
+        x0 = x0[idx]
+        cond = {k: v[idx] if isinstance(v, Tensor) and v.ndim > 0 else v for k, v in cond.items()}
+        t_screen = time.monotonic() - t_screen
     teacher = teacher or solver_teacher(denoiser)
     sigma_end = grid[-1]
     target = _check_teacher(_teach(teacher, x0, grid[0], sigma_end, cond), x0)
@@ -108,11 +126,12 @@ def calibrate(denoiser, nfe: int, *, solver: str | None = None, noises: int | Te
 
     log = print if verbose else (lambda *a, **k: None)
     n_val = len(x0) // 4 if (validation and len(x0) >= 8 and not _per_sample(cond)) else 0
-    fit = slice(0, len(x0) - n_val)
+    fit, val = slice(0, len(x0) - n_val), slice(len(x0) - n_val, len(x0))
     problem = M.Problem(denoiser, x0[fit], target[fit], lambda x, a, b: _teach(teacher, x, a, b, cond), spec.name,
                         opts, grid, process, cond, deadline=time.monotonic() + budget, log=log,
-                        x0_val=x0[len(x0) - n_val:] if n_val else None,
-                        target_val=target[len(x0) - n_val:] if n_val else None)
+                        x0_val=x0[val] if n_val else None, target_val=target[val] if n_val else None,
+                        weights=weights[fit] if weights is not None else None,
+                        weights_val=weights[val] if weights is not None and n_val else None)
     candidates = {}
     if solver is None and schedule is None and options is None:  # start from the best of a few fixed solvers
         spec, grid, opts, candidates = _best_start(problem, process, nfe, end or _default_end(nfe), grid,
@@ -138,14 +157,17 @@ def calibrate(denoiser, nfe: int, *, solver: str | None = None, noises: int | Te
     tau, alpha, B = run()
     seconds = time.monotonic() - t0
     plan = SolverPlan.from_tensors(tau, alpha, B, method=method, **meta)
-    err0 = plan_error(start_plan, denoiser, x0, target, cond)
-    err = plan_error(plan, denoiser, x0, target, cond)
+    err0 = plan_error(start_plan, denoiser, x0, target, cond, weights)
+    err = plan_error(plan, denoiser, x0, target, cond, weights)
     fell_back = not (err <= err0)
     if fell_back:
         plan, err = SolverPlan.from_tensors(tau0, alpha0, B0, method=method, **meta), err0
     metrics = {"calibration_noises": len(x0), "start_error": err0, "error": err, "fell_back_to_start": fell_back,
                "seconds": round(seconds, 3), "teacher_seconds": round(t_teacher, 3), "grid": problem.grid,
                "start": {"solver": spec.name, "options": opts}}
+    if weights is not None:
+        metrics.update(screened_noises=screened, hard_noises=int((weights == 1).sum()) if select < screened else 0,
+                       screen_seconds=round(t_screen, 3))
     if candidates:
         metrics["start_candidates"] = candidates
     if xh is not None:
@@ -204,6 +226,47 @@ def _best_start(problem, process, nfe, end, default_grid, one_call: bool):
         if best is None or err < best[0]:
             best = (err, spec, grid, opts)
     return best[1], best[2], best[3], scores
+
+
+def select_noises(denoiser, x0: Tensor, nfe: int, select: int, start: tuple, *, hard_fraction: float = 0.25,
+                  seed: int = 0, cond: dict | None = None, screen_nfe: int | None = None) -> tuple[Tensor, Tensor]:
+    """A stratified calibration set of `select` of the starts `x0` (N of them): their indices and importance
+    weights (`cond` tensors with a batch dimension are per-start conditioning).
+
+    Score every start by ‖start solver(x̄) - reference(x̄)‖² (the reference: `solver_teacher` with `screen_nfe`
+    calls, default max(4 nfe, 24), far cheaper than the teacher); the stratum H = the h = round(hard_fraction ·
+    select) highest scores is taken whole (weight 1), the rest E by a uniform sample of select - h (weight
+    (N - h) / (select - h)). Then Σ_i w_i f(x̄_i) over the selection is an unbiased estimate of Σ_{all N} f, the
+    standard stratified estimator (Cochran, "Sampling Techniques", Eq. 5.1). Returned in a random order (so a
+    validation slice mixes both strata), weights summing to N."""
+    n = len(x0)
+    if not isinstance(select, int) or select < 2:
+        raise ValueError(f"select must be an integer >= 2; got {select!r}")
+    if select > n:
+        raise ValueError(f"select={select} is more than the {n} calibration noises to choose from")
+    if not 0 <= hard_fraction < 1:
+        raise ValueError(f"hard_fraction must be in [0, 1); got {hard_fraction!r}")
+    g = torch.Generator().manual_seed(seed + 7919)
+    h = min(int(round(hard_fraction * select)), select - 1)
+    if select == n:
+        return torch.arange(n), torch.ones(n, dtype=F64)
+    spec, grid, opts = start
+    ref_teacher = solver_teacher(denoiser, nfe=screen_nfe or max(4 * nfe, 24))
+    cond = cond or {}
+    with torch.no_grad():
+        tau, alpha, B = plan_tensors(spec.name, grid, opts, denoiser.process)
+        out = run_linear(denoiser, x0, tau.tolist(), alpha.tolist(), B.tolist(), cond=cond)
+        ref = _teach(ref_teacher, x0, grid[0], grid[-1], cond)
+    score = (out - ref).pow(2).flatten(1).sum(1)
+    if not torch.isfinite(score).all():
+        raise ValueError("screening produced non-finite errors (check the denoiser)")
+    order = score.argsort(descending=True)
+    hard, rest = order[:h], order[h:]
+    easy = rest[torch.randperm(len(rest), generator=g)[:select - h]]
+    idx = torch.cat([hard, easy])
+    w = torch.cat([torch.ones(h, dtype=F64), torch.full((select - h,), (n - h) / (select - h), dtype=F64)])
+    perm = torch.randperm(select, generator=g)
+    return idx[perm], w[perm]
 
 
 def _starts(denoiser, noises, heldout, seed, sigma_max, shape):

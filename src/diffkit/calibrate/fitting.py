@@ -54,6 +54,8 @@ class Problem:
     evals: int = 0
     x0_val: Tensor | None = None  # validation split of the calibration noises: early stopping of the optimisers
     target_val: Tensor | None = None
+    weights: Tensor | None = None  # per-noise weights (importance weights of a mined calibration set; None: equal)
+    weights_val: Tensor | None = None
 
     @property
     def n(self) -> int:
@@ -70,8 +72,7 @@ class Problem:
     def loss(self, tau, alpha, B) -> Tensor:
         """Relative mean squared error of the plan's output against the teacher on the calibration noises."""
         self.evals += 1
-        out = self.run(tau, alpha, B)
-        return (out - self.target).pow(2).mean() / self.target.pow(2).mean()
+        return rel_mse(self.run(tau, alpha, B), self.target, self.weights)
 
     def val_loss(self, tau, alpha, B) -> float:
         """The same on the validation split (the training loss when there is none)."""
@@ -79,12 +80,20 @@ class Problem:
             tau, alpha, B = (v.detach() if isinstance(v, Tensor) else v for v in (tau, alpha, B))
             if self.x0_val is None:
                 return self.loss(tau, alpha, B).item()
-            out = self.run(tau, alpha, B, self.x0_val)
-            return ((out - self.target_val).pow(2).mean() / self.target_val.pow(2).mean()).item()
+            return rel_mse(self.run(tau, alpha, B, self.x0_val), self.target_val, self.weights_val).item()
 
     def base(self, grid=None, solver=None, options=None):
         return plan_tensors(solver or self.solver, grid or self.grid, self.options if options is None else options,
                             self.process)
+
+
+def rel_mse(out: Tensor, target: Tensor, weights: Tensor | None = None) -> Tensor:
+    """Σ_i w_i ‖out_i - target_i‖² / Σ_i w_i ‖target_i‖² (equal weights when `weights` is None): the relative
+    mean squared error, or its importance-weighted estimate over a population the noises were drawn from."""
+    if weights is None:
+        return (out - target).pow(2).mean() / target.pow(2).mean()
+    w = weights.to(out.dtype)
+    return ((out - target).pow(2).flatten(1).sum(1) * w).sum() / (target.pow(2).flatten(1).sum(1) * w).sum()
 
 
 def _lbfgs(params, closure_loss, problem: Problem, max_evals: int, plan_of: Callable | None = None):
@@ -324,15 +333,20 @@ def linear_subspace(problem: Problem, ridge: float = 1e-6, init=None):
     n = len(tau)
     alpha, B = alpha0.clone(), B0.clone()
     x, outs = problem.x0, []
+    rw = torch.ones(1, dtype=F64)  # per-element weights (mean 1) of the weighted least squares
+    if problem.weights is not None:
+        w = problem.weights.to(F64)
+        rw = (w * len(w) / w.sum()).repeat_interleave(x[0].numel())
     with torch.no_grad():
         for j in range(n):
             outs.append(problem.denoiser(x, float(tau[j]), **problem.cond))
             feats = torch.stack([x.flatten()] + [o.flatten() for o in outs], 1).to(F64)  # (N*d, j+2)
             y = targets[j].flatten().to(F64)
             c0 = torch.cat([alpha0[j:j + 1], B0[j, :j + 1]])
-            scale = feats.pow(2).mean(0).clamp_min(1e-30)
-            A = feats.T @ feats / len(y) + ridge * torch.diag(scale)
-            c = torch.linalg.solve(A, feats.T @ y / len(y) + ridge * scale * c0)
+            wf = feats * rw[:, None]
+            scale = (wf * feats).mean(0).clamp_min(1e-30)
+            A = wf.T @ feats / len(y) + ridge * torch.diag(scale)
+            c = torch.linalg.solve(A, wf.T @ y / len(y) + ridge * scale * c0)
             alpha[j], B[j, :j + 1] = c[0], c[1:]
             x = (alpha[j] * x + sum(B[j, k] * outs[k] for k in range(j + 1))).to(x.dtype)
     return tau, alpha, B
