@@ -51,10 +51,10 @@ QUICK_NFES = (5, 10, 20)
 # (label, schedule name, schedule options)
 SCHEDULES = (("karras", "karras", {}), ("logsnr", "logsnr", {}), ("polyexponential(rho=2)", "polyexponential",
              {"rho": 2.0}), ("time_quadratic", "time_quadratic", {}), ("trailing", "trailing", {}),
-             ("linspace", "linspace", {}))
+             ("linspace", "linspace", {}), ("tuned", "tuned", {}))
 QUICK_SCHEDULES = SCHEDULES[:2]
 ENDS = tuple(getattr(diffkit.schedules, "ENDS", ("zero", "sigma_min")))  # every end the library offers
-VARIANT_SCHEDULES = ("karras", "logsnr", "polyexponential(rho=2)", "trailing")  # for the option variants
+VARIANT_SCHEDULES = ("karras", "logsnr", "polyexponential(rho=2)", "trailing", "tuned")  # for the option variants
 
 # key: (title, builder); the mixture/process pairs of the issue
 TESTBEDS = {
@@ -697,7 +697,9 @@ def markdown(meta, records, summary, tg, over, cons, sus, keys, budgets, fig_rel
             f"`{x}`" for x in meta["stochastic_excluded"]) + ") draw samples of the reverse SDE, which have no "
             "per-sample exact answer in the probability-flow map, and are left to a distributional benchmark.")
     w("- Schedules swept: karras (ρ = 7), logsnr (uniform in log σ̄; = polyexponential with ρ = 1), polyexponential "
-      "with ρ = 2, time_quadratic, trailing and linspace (uniform in native time: σ itself for EDM).")
+      "with ρ = 2, time_quadratic, trailing and linspace (uniform in native time: σ itself for EDM), and tuned "
+      "(diffkit's step density fitted by `python -m diffkit.calibrate.step_density` on a family of other "
+      "mixtures: none of the testbeds here is in it).")
     w("")
     w("### Targets")
     w("")

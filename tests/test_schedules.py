@@ -37,7 +37,7 @@ def test_registry():
     names = schedules()
     assert names == sorted(names)
     assert set(names) == {"karras", "exponential", "logsnr", "polyexponential", "linspace", "time_quadratic",
-                          "trailing", "leading", "loglinear", "list"}
+                          "trailing", "leading", "loglinear", "list", "tuned"}
     assert ENDS == ("zero", "sigma_min", "replace")
 
 

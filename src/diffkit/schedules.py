@@ -34,7 +34,7 @@ Tensor = torch.Tensor
 ENDS = ("zero", "sigma_min", "replace")
 
 __all__ = ["get_sigmas", "schedules", "validate_sigmas", "karras", "exponential", "polyexponential",
-           "loglinear_interp", "ENDS", "sigma_range"]
+           "loglinear_interp", "ENDS", "sigma_range", "density_levels", "tuned", "DENSITY_KNOTS"]
 
 
 # -- σ̄-space families: m levels spanning [sigma_min, sigma_max] ---------------------------------------------
@@ -57,6 +57,58 @@ def polyexponential(m: int, sigma_min: float, sigma_max: float, rho: float = 1.0
     """Polynomial in log σ̄ (k-diffusion): log σ_i = log σ_min + (1 - i/(m-1))^ρ (log σ_max - log σ_min)."""
     ramp = torch.linspace(1, 0, m, dtype=torch.float64) ** rho
     return (ramp * (math.log(sigma_max) - math.log(sigma_min)) + math.log(sigma_min)).exp()
+
+
+# knots of the tuned step density: log σ̄ from log 1e-3 to log 1e3 (every half decade)
+DENSITY_KNOTS = tuple(math.log(10.0) * (k / 2 - 3) for k in range(13))
+_TUNED_ASSET = "step_density/step_density.json"
+
+
+def density_levels(m: int, sigma_min: float, sigma_max: float, log_density: Sequence[float],
+                   knots: Sequence[float] = DENSITY_KNOTS) -> Tensor:
+    """m levels from σ_max down to σ_min that equidistribute a step density ρ over s = log σ̄ (de Boor's
+    equidistribution principle): ∫_{s_{i+1}}^{s_i} ρ ds = (1/(m-1)) ∫_{log σ_min}^{log σ_max} ρ ds, with
+    log ρ piecewise linear through (knots, log_density) and constant beyond the outer knots. ρ ≡ const is
+    `exponential` (uniform in log-SNR); a density is independent of the budget and of the σ̄ range, which only
+    selects the part of it that is integrated."""
+    if len(log_density) != len(knots):
+        raise ValueError(f"log_density needs {len(knots)} values (one per knot); got {len(log_density)}")
+    ld = np.asarray(log_density, dtype=np.float64)
+    if not np.isfinite(ld).all():
+        raise ValueError("log_density must be finite")
+    if m < 2:
+        return torch.tensor([sigma_max], dtype=torch.float64)[:m]
+    s = np.linspace(math.log(sigma_min), math.log(sigma_max), 4001)
+    rho = np.exp(np.interp(s, np.asarray(knots, dtype=np.float64), ld - ld.max()))
+    cum = np.concatenate([[0.0], np.cumsum((rho[1:] + rho[:-1]) / 2 * np.diff(s))])
+    levels = np.exp(np.interp(np.linspace(cum[-1], 0.0, m), cum, s))
+    levels[0], levels[-1] = sigma_max, sigma_min
+    return torch.from_numpy(levels)
+
+
+def tuned(m: int, sigma_min: float, sigma_max: float, log_density: Sequence[float] | None = None) -> Tensor:
+    """diffkit's tuned schedule: `density_levels` with the step density fitted for the budget nearest to m
+    levels (the table in assets/step_density, written by `python -m diffkit.calibrate.step_density`, which fits
+    the density of the default solver to the exact flow maps of a family of Gaussian mixtures under several
+    processes: an Align-Your-Steps-style list, as a density so that it fits every σ̄ range). `log_density`
+    overrides the table (13 values at `DENSITY_KNOTS`)."""
+    if log_density is None:
+        table = tuned_table()
+        key = min(table["log_density"], key=lambda k: (abs(int(k) - m), int(k)))
+        log_density = table["log_density"][key]
+    return density_levels(m, sigma_min, sigma_max, log_density)
+
+
+def tuned_table() -> dict:
+    """The shipped step-density table: {"knots", "log_density": {levels m: 13 values}, "solver", ...}."""
+    from importlib import resources
+
+    path = resources.files("diffkit") / "assets" / _TUNED_ASSET
+    if not path.is_file():
+        raise FileNotFoundError("the tuned step-density table is missing: run `python -m diffkit.calibrate.step_density`")
+    import json
+
+    return json.loads(path.read_text())
 
 
 def loglinear_interp(sigmas: Sequence[float], m: int) -> Tensor:
@@ -109,7 +161,9 @@ _SIGMA_FAMILIES: dict[str, Callable] = {
     "exponential": exponential,
     "logsnr": exponential,
     "polyexponential": polyexponential,
+    "tuned": tuned,
 }
+_FAMILY_OPTIONS = {"karras": ("rho",), "polyexponential": ("rho",), "tuned": ("log_density",)}
 _TIME_SPANNING = ("linspace", "time_quadratic")
 _TIME_DIFFUSERS = ("trailing", "leading")
 _OTHER = ("loglinear", "list")
@@ -125,7 +179,8 @@ def get_sigmas(name: str, steps: int, *, process: Process | None = None, sigma_m
     """A decreasing grid of `steps + 1` canonical noise levels (float64) from the named family.
 
     σ̄ range: explicit `sigma_min`/`sigma_max`, else the process's. Extra options: `rho` (karras,
-    polyexponential), `offset` (leading, diffusers' steps_offset), `sigmas` (loglinear, list).
+    polyexponential), `offset` (leading, diffusers' steps_offset), `sigmas` (loglinear, list), `log_density`
+    (tuned: a step density of its own).
     """
     if name not in schedules():
         raise ValueError(f"unknown schedule {name!r}; valid: {', '.join(schedules())}")
@@ -165,8 +220,9 @@ def get_sigmas(name: str, steps: int, *, process: Process | None = None, sigma_m
         _no_extra(name, kwargs)
     else:
         lo, hi = sigma_range(process, sigma_min, sigma_max)
-        body = _SIGMA_FAMILIES[name](m, lo, hi, **_pop_known(kwargs, ("rho",)))
+        opts = _pop_known(kwargs, _FAMILY_OPTIONS.get(name, ()))
         _no_extra(name, kwargs)
+        body = _SIGMA_FAMILIES[name](m, lo, hi, **opts)
     if end == "replace":
         body = torch.cat([body[:-1], body.new_zeros(1)])
     elif end == "zero" or (name in _TIME_DIFFUSERS and end == "sigma_min"):
