@@ -21,8 +21,11 @@ points as diffusers does and then append the end level.
 
 from __future__ import annotations
 
+import functools
+import json
 import math
 from collections.abc import Callable, Sequence
+from importlib import resources
 
 import numpy as np
 import torch
@@ -89,9 +92,9 @@ def density_levels(m: int, sigma_min: float, sigma_max: float, log_density: Sequ
 def tuned(m: int, sigma_min: float, sigma_max: float, log_density: Sequence[float] | None = None) -> Tensor:
     """diffkit's tuned schedule: `density_levels` with the step density fitted for the budget nearest to m
     levels (the table in assets/step_density, written by `python -m diffkit.calibrate.step_density`, which fits
-    the density of the default solver to the exact flow maps of a family of Gaussian mixtures under several
-    processes: an Align-Your-Steps-style list, as a density so that it fits every σ̄ range). `log_density`
-    overrides the table (13 values at `DENSITY_KNOTS`)."""
+    a density per budget for UniPC, iPNDM and DEIS to the exact flow maps of a family of Gaussian mixtures under
+    four σ̄ ranges and keeps the best: an Align-Your-Steps-style list, as a density so that it fits every σ̄
+    range). `log_density` overrides the table (13 values at `DENSITY_KNOTS`)."""
     if log_density is None:
         table = tuned_table()
         key = min(table["log_density"], key=lambda k: (abs(int(k) - m), int(k)))
@@ -99,15 +102,14 @@ def tuned(m: int, sigma_min: float, sigma_max: float, log_density: Sequence[floa
     return density_levels(m, sigma_min, sigma_max, log_density)
 
 
+@functools.lru_cache(maxsize=1)
 def tuned_table() -> dict:
-    """The shipped step-density table: {"knots", "log_density": {levels m: 13 values}, "solver", ...}."""
-    from importlib import resources
-
+    """The shipped step-density table (read once; do not modify the returned dict): {"knots", "log_density":
+    {levels m: 13 values}, "winners": {levels m: solver, options, nfe, end, loss}, "fits": [...]}."""
     path = resources.files("diffkit") / "assets" / _TUNED_ASSET
     if not path.is_file():
-        raise FileNotFoundError("the tuned step-density table is missing: run `python -m diffkit.calibrate.step_density`")
-    import json
-
+        raise FileNotFoundError("the tuned step-density table is missing: run "
+                                "`python -m diffkit.calibrate.step_density`")
     return json.loads(path.read_text())
 
 

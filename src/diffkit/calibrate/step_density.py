@@ -9,7 +9,7 @@ log(relative RMS error against the exact flow map) — Nelder–Mead from the un
 with the lowest loss wins the budget. Like Align Your Steps (Sabour et al. 2024) the result is a fixed schedule,
 but as a density it fits any σ̄ range and budget.
 
-    python -m diffkit.calibrate.step_density            # about 25 min on 2 cores; writes the asset
+    python -m diffkit.calibrate.step_density            # about 18 min on 2 cores; writes the asset
     python -m diffkit.calibrate.step_density --quick    # NFE 5 only, small family; prints, writes nothing
 """
 
@@ -35,6 +35,7 @@ from ..solvers import get_solver
 from ..testbeds import GaussianMixture
 
 F64 = torch.float64
+Tensor = torch.Tensor
 ASSET = Path(__file__).resolve().parent.parent / "assets" / "step_density" / "step_density.json"
 
 PROCESSES: dict[str, Callable] = {"edm": EDM, "sd_vp": lambda: VP.discrete("scaled_linear"),
@@ -70,9 +71,6 @@ class Case:
     ref: Tensor
     sigma_min: float
     sigma_max: float
-
-
-Tensor = torch.Tensor
 
 
 def build_cases(end: str, n: int = N_NOISE, family=FAMILY) -> list[Case]:
