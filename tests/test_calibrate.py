@@ -8,6 +8,7 @@ import warnings
 
 import pytest
 import torch
+from helpers import F64, single_threaded  # noqa: F401
 
 import diffkit
 from diffkit import EDM, VP, Flow, SolverPlan
@@ -15,8 +16,6 @@ from diffkit.calibrate import PlanError, calibrate, methods, plan_error, solver_
 from diffkit.calibrate.plan import run_linear
 from diffkit.calibrate.probe import linear_solvers, plan_tensors
 from diffkit.testbeds import GaussianMixture
-
-from helpers import F64, single_threaded  # noqa: F401
 
 MIX = GaussianMixture.ring(n_modes=4, std=0.2)
 
