@@ -30,8 +30,8 @@ import torch
 from scipy.optimize import minimize
 
 from ..processes import EDM, VP, Flow
-from ..schedules import DENSITY_KNOTS, density_levels
-from ..solvers import get_solver
+from ..schedules import DENSITY_KNOTS
+from ..solvers import plan
 from ..testbeds import GaussianMixture
 
 F64 = torch.float64
@@ -87,14 +87,19 @@ def build_cases(end: str, n: int = N_NOISE, family=FAMILY) -> list[Case]:
     return cases
 
 
+def density_grid(solver: str, options: dict, nfe: int, end: str, sigma_min: float, sigma_max: float,
+                 log_density) -> tuple:
+    """(solver spec, σ̄ grid, solver options) that `diffkit.sample` runs for this budget on the `tuned` schedule
+    with the given density (`diffkit.solvers.plan`: the solver's own budget rule and the schedule's end)."""
+    spec, grid, opts, _ = plan(solver, nfe=nfe, schedule="tuned", end=end, options=options,
+                               schedule_options={"log_density": list(log_density)}, sigma_min=sigma_min,
+                               sigma_max=sigma_max)
+    return spec, grid, opts
+
+
 def case_loss(case: Case, solver: str, options: dict, nfe: int, end: str, log_density) -> float:
     """log relative RMS error of the solver on the density's grid (solvers called on canonical states)."""
-    spec = get_solver(solver)
-    steps, extra = spec.budget(nfe, end, {**spec.preset, **options})
-    opts = {**spec.preset, **options, **extra}
-    m = steps + 1 if end == "sigma_min" else steps
-    body = density_levels(m, case.sigma_min, case.sigma_max, log_density)
-    grid = body if end == "sigma_min" else torch.cat([body, body.new_zeros(1)])
+    spec, grid, opts = density_grid(solver, options, nfe, end, case.sigma_min, case.sigma_max, log_density)
     with torch.no_grad():
         out = spec.fn(case.den, case.x0.clone(), grid, cond={}, **opts)
     err = float((out - case.ref).pow(2).mean().sqrt() / case.ref.pow(2).mean().sqrt())
@@ -156,9 +161,8 @@ def main(argv=None) -> int:
              "noises": N_NOISE, "log_density": {}, "fits": sorted(fits, key=lambda r: (r["nfe"], r["solver"]))}
     for nfe in nfes:
         best = min((r for r in fits if r["nfe"] == nfe), key=lambda r: r["loss"])
-        spec = get_solver(best["solver"])
-        steps, _ = spec.budget(nfe, best["end"], {**spec.preset, **best["options"]})
-        m = steps + 1 if best["end"] == "sigma_min" else steps
+        _, grid, _ = density_grid(best["solver"], best["options"], nfe, best["end"], 0.01, 10.0, best["log_density"])
+        m = int((grid > 0).sum())  # the table is keyed by the number of positive levels
         table["log_density"][str(m)] = best["log_density"]
         table.setdefault("winners", {})[str(m)] = {k: best[k] for k in ("solver", "options", "nfe", "end", "loss",
                                                                        "uniform_logsnr_loss")}
