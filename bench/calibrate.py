@@ -73,7 +73,8 @@ DIGITS_POOL = 1024
 DIGITS_CAL = 256
 DIGITS_TEACHER_NFE = 100
 DIGITS_NFES = (6, 8, 10)
-DIGITS_PLANS = (("joint", 6, 180.0), ("linear_subspace", 6, 60.0), ("linear_subspace", 8, 60.0))
+DIGITS_PLANS = (("joint", 6, 180.0), ("linear_subspace", 6, 60.0), ("evolution", 6, 120.0),
+                ("linear_subspace", 8, 60.0))
 DIGITS_ANCHORS = (  # a subset of bench/anchors.py's configurations (500 UNet samples per run cost ~1 s per call)
     "diffusers:EDMDPMSolverMultistep(dpmsolver++, order 2, karras)",
     "diffusers:EDMDPMSolverMultistep(dpmsolver++, order 3, karras)",
@@ -262,6 +263,11 @@ def _digits_task(task):
                     with torch.no_grad():
                         x, info = diffkit.sample(den, noise, nfe=nfe, cond={"label": labels}, return_info=True)
                     rec.update(nfe=info["nfe"], resolved=info.get("solver"))
+                elif name == "teacher":  # the plans' target: what a perfectly fitted plan would reproduce
+                    rec["library"] = "diffkit-teacher"
+                    teacher = diffkit.calibrate.solver_teacher(den, nfe=nfe)
+                    x_bar0 = den.process.noise_to_canonical(noise.to(F64), den.process.sigma_bar_max)
+                    x = teacher(x_bar0, den.process.sigma_bar_max, 0.0, label=labels)
                 else:
                     net = DigitsNet(den, labels)
                     x_bar0 = den.process.noise_to_canonical(noise.to(F64), den.process.sigma_bar_max)
@@ -330,6 +336,7 @@ def build_tasks(args) -> list[tuple]:
                 b = BUDGET.get(method, DEFAULT_BUDGET) * args.budget_scale
                 tasks.append(("plan", key, nfe, method, b, True))
     if args.digits:
+        tasks.append(("digits", "fixed", "teacher", (DIGITS_TEACHER_NFE,)))
         for name in ("default",) + DIGITS_ANCHORS:
             tasks.append(("digits", "fixed", name, DIGITS_NFES))
     for key in keys:
@@ -700,6 +707,8 @@ def markdown(data, fig_rel) -> str:
           "k-diffusion with the canonical denoiser). The digits plans are calibrated from float64 noises (the "
           "model runs in float32 inside; plans fitted from float32 noises work too).")
         w("")
+        teach = [r for r in dg if r["config"] == "teacher"]
+        dg = [r for r in dg if r["config"] != "teacher"]
         budgets = sorted({r["budget"] for r in dg})
         w("| contender | " + " | ".join(f"FD @ {b} | acc @ {b}" for b in budgets) + " | calibration s |")
         w("|---|" + "---:|---:|" * len(budgets) + "---:|")
@@ -728,6 +737,9 @@ def markdown(data, fig_rel) -> str:
             if an:
                 a = min(an, key=lambda r: r["fd"])
                 w(f"- best anchor at NFE {b}: {_name(a)}, FD {a['fd']:.3f}")
+        for r in teach:
+            w(f"- the plans' teacher itself (`solver_teacher(den, nfe={r['budget']})`, the samples a perfectly "
+              f"fitted plan would reproduce): FD {r['fd']:.3f}, accuracy {r['accuracy']:.3f}")
         w("")
     errs = [r for r in recs if r["status"] == "error"]
     if errs:

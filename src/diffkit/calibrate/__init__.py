@@ -188,7 +188,8 @@ def calibrate(denoiser, nfe: int, *, solver: str | None = None, noises: int | Te
 START_CANDIDATES = ((None, None, {}), ("dpmpp_2m", "karras", {}), ("dpmpp_2m", "logsnr", {}),
                     ("dpmpp_3m", "logsnr", {}), ("unipc", "logsnr", {}), ("unipc", "karras", {}),
                     ("deis", "logsnr", {"coordinate": "log_sigma"}), ("ipndm", "karras", {}),
-                    ("dpm_solver_3", "logsnr", {}), ("dpm_solver_2", "logsnr", {}))
+                    ("dpm_solver_3", "logsnr", {}), ("dpm_solver_2", "logsnr", {}), ("unipc", "tuned", {}),
+                    ("ipndm", "tuned", {}), ("deis", "tuned", {"coordinate": "log_sigma"}))
 ONE_CALL_PER_STEP = ("s3", "momentum", "dpm_solver_v3", "dc_solver")
 
 
