@@ -93,6 +93,15 @@ def test_short_fit_lowers_the_family_loss(monkeypatch):
     assert len(r["log_density"]) == 13 and max(r["log_density"]) == 0.0
 
 
+def test_roughness_penalty_and_family_are_disjoint_from_the_testbeds():
+    assert SD.roughness([0.0, 1.0, 2.0, 3.0]) == 0.0
+    assert SD.roughness([0.0, 1.0, 0.0]) == pytest.approx(4.0)
+    names = [f[0] for f in SD.FAMILY]
+    assert len(set(names)) == len(names) >= 16
+    assert all(len(set(f[2])) == 2 and set(f[2]) <= set(SD.PROCESSES) for f in SD.FAMILY)
+    assert not {seed for _, seed in SD._RANDOM} & {1, 2, 7}  # bench/solvers.py's and bench/calibrate.py's seeds
+
+
 def test_tuned_defaults_use_the_tuning_winners():
     """Where the default uses the tuned schedule within the tuned budgets, its solver is the one that won the
     tuning at that budget (the density was fitted for that solver)."""

@@ -1,15 +1,22 @@
 """Fit the step density of diffkit's `tuned` schedule (`diffkit.schedules.tuned`) and write its table.
 
-A schedule is tuned for nobody's model in particular; this one is tuned for a family: Gaussian mixtures in 2 to 48
-dimensions with sharp components (rings, a grid, random anisotropic mixtures; other instances than the testbeds of
-bench/solvers.py and bench/calibrate.py) under four σ̄ ranges (EDM [0.002, 80], Stable Diffusion's VP
+A schedule is tuned for nobody's model in particular; this one is tuned for a family: 20 Gaussian mixtures in 2 to 64
+dimensions with sharp components (rings, grids, random anisotropic mixtures; other instances than the testbeds of
+bench/solvers.py and bench/calibrate.py), each under two of four σ̄ ranges (EDM [0.002, 80], Stable Diffusion's VP
 [0.0292, 14.6], linear VP [0.0105, 152], rectified flow [0.001, 999]). For each budget and candidate solver, the
-13 values of the log step density (`DENSITY_KNOTS`, half a decade apart) minimise the mean over the family of
-log(relative RMS error against the exact flow map) — Nelder–Mead from the uniform-in-log-SNR density; the solver
-with the lowest loss wins the budget. Like Align Your Steps (Sabour et al. 2024) the result is a fixed schedule,
-but as a density it fits any σ̄ range and budget.
+13 values θ of the log step density (`DENSITY_KNOTS`, half a decade apart) minimise
 
-    python -m diffkit.calibrate.step_density            # about 18 min on 2 cores; writes the asset
+    L(θ) = mean over the family of log(relative RMS error against the exact flow map)
+           + λ Σ_k (θ_{k-1} - 2 θ_k + θ_{k+1})²          (smoothness, λ = SMOOTHNESS)
+
+by Nelder–Mead from the uniform-in-log-SNR density; the solver with the lowest loss wins the budget. Like Align Your
+Steps (Sabour et al. 2024) the result is a fixed schedule, but as a density it fits any σ̄ range and budget.
+What generalises to other mixtures is breadth: a fit to 8 mixtures × 192 noises learned their mode boundaries (its
+8-20-call densities did worse on the testbeds than the log-SNR and Karras grids), densities fitted per σ̄ range
+(fewer mixtures each) did worse at 5-6 calls; 20 mixtures × 64 noises with the smoothness penalty is the table
+shipped (BENCHMARKS.md, "Candidate defaults").
+
+    python -m diffkit.calibrate.step_density            # about 33 min on 2 cores (--jobs); writes the asset
     python -m diffkit.calibrate.step_density --quick    # NFE 5 only, small family; prints, writes nothing
 """
 
@@ -40,21 +47,34 @@ ASSET = Path(__file__).resolve().parent.parent / "assets" / "step_density" / "st
 
 PROCESSES: dict[str, Callable] = {"edm": EDM, "sd_vp": lambda: VP.discrete("scaled_linear"),
                                   "linear_vp": lambda: VP.continuous("linear"), "flow": Flow}
-# (name, mixture, processes it is solved under)
-FAMILY: tuple[tuple[str, Callable, tuple[str, ...]], ...] = (
-    ("ring6", lambda: GaussianMixture.ring(n_modes=6, radius=1.0, std=0.1), ("edm", "sd_vp")),
-    ("ring10", lambda: GaussianMixture.ring(n_modes=10, radius=1.3, std=0.05), ("linear_vp", "flow")),
-    ("grid3", lambda: GaussianMixture.grid(side=3, spacing=0.8, std=0.08), ("edm", "sd_vp")),
-    ("random8", lambda: GaussianMixture.random(8, seed=11), ("flow", "sd_vp")),
-    ("random16", lambda: GaussianMixture.random(16, seed=12), ("edm", "linear_vp")),
-    ("random24", lambda: GaussianMixture.random(24, n_components=12, seed=13), ("sd_vp", "edm")),
-    ("random32", lambda: GaussianMixture.random(32, seed=14), ("linear_vp", "flow")),
-    ("random48", lambda: GaussianMixture.random(48, seed=15), ("edm", "sd_vp")),
-)
+# (name, mixture, processes it is solved under): many instances with few noises each, because a density fitted to a
+# few mixtures learns their particular mode boundaries and generalises worse than one fitted to many
+_RANDOM = ((8, 11), (12, 16), (16, 12), (16, 17), (20, 18), (24, 13), (24, 19), (32, 14), (32, 20), (40, 21),
+           (48, 15), (48, 22), (64, 23), (64, 24))  # (dim, seed); the testbeds use seeds 1, 2 and 7
+_PROCESS_CYCLE = ("edm", "sd_vp", "linear_vp", "flow")
+
+
+def _family() -> tuple:
+    fam = [("ring6", lambda: GaussianMixture.ring(n_modes=6, radius=1.0, std=0.1), ("edm", "sd_vp")),
+           ("ring10", lambda: GaussianMixture.ring(n_modes=10, radius=1.3, std=0.05), ("linear_vp", "flow")),
+           ("ring5", lambda: GaussianMixture.ring(n_modes=5, radius=0.9, std=0.12), ("sd_vp", "flow")),
+           ("ring12", lambda: GaussianMixture.ring(n_modes=12, radius=1.5, std=0.04), ("edm", "linear_vp")),
+           ("grid3", lambda: GaussianMixture.grid(side=3, spacing=0.8, std=0.08), ("edm", "sd_vp")),
+           ("grid5", lambda: GaussianMixture.grid(side=5, spacing=0.5, std=0.05), ("flow", "linear_vp"))]
+    for i, (dim, seed) in enumerate(_RANDOM):
+        n = 12 if seed % 3 == 0 else 8
+        procs = (_PROCESS_CYCLE[i % 4], _PROCESS_CYCLE[(i + 1 + (i // 4) % 3) % 4])
+        fam.append((f"random{dim}s{seed}", lambda dim=dim, seed=seed, n=n: GaussianMixture.random(
+            dim, n_components=n, seed=seed), procs))
+    return tuple(fam)
+
+
+FAMILY: tuple[tuple[str, Callable, tuple[str, ...]], ...] = _family()
 # candidate solvers (name, options); the end of the grid per budget as in diffkit's defaults
 CANDIDATES: tuple[tuple[str, dict], ...] = (("deis", {"coordinate": "log_sigma"}), ("unipc", {}), ("ipndm", {}))
 NFES = (5, 6, 8, 10, 12, 15, 20)
-N_NOISE, SEED = 192, 5000
+N_NOISE, SEED = 64, 5000
+SMOOTHNESS = 0.02  # λ of the roughness penalty
 
 
 def end_for(nfe: int) -> str:
@@ -106,6 +126,11 @@ def case_loss(case: Case, solver: str, options: dict, nfe: int, end: str, log_de
     return math.log(err) if err > 0 and math.isfinite(err) else 50.0
 
 
+def roughness(theta) -> float:
+    """Σ_k (θ_{k-1} - 2 θ_k + θ_{k+1})²: the penalty λ·roughness keeps the fitted log density smooth."""
+    return float(np.sum(np.diff(np.asarray(theta, dtype=np.float64), 2) ** 2))
+
+
 _CASES: dict = {}
 
 
@@ -122,15 +147,19 @@ def fit(task) -> dict:
     def loss(theta):
         return float(np.mean([case_loss(c, solver, options, nfe, end, theta) for c in cases]))
 
+    def objective(theta):
+        return loss(theta) + SMOOTHNESS * roughness(theta)
+
     x0 = np.zeros(len(DENSITY_KNOTS))
     base = loss(x0)
     simplex = np.vstack([x0] + [x0 + 0.7 * e for e in np.eye(len(x0))])
-    res = minimize(loss, x0, method="Nelder-Mead",
+    res = minimize(objective, x0, method="Nelder-Mead",
                    options={"maxfev": maxfev, "initial_simplex": simplex, "xatol": 1e-3, "fatol": 1e-4})
     theta = res.x - res.x.max()
     per_case = {c.name: case_loss(c, solver, options, nfe, end, theta) for c in cases}
     return {"solver": solver, "options": options, "nfe": nfe, "end": end, "log_density": theta.round(4).tolist(),
-            "loss": float(res.fun), "uniform_logsnr_loss": base, "evals": int(res.nfev),
+            "loss": float(np.mean(list(per_case.values()))), "roughness": roughness(theta),
+            "uniform_logsnr_loss": base, "evals": int(res.nfev),
             "per_case_log_error": {k: round(v, 4) for k, v in per_case.items()}, "seconds": round(time.time() - t0, 1)}
 
 
@@ -158,7 +187,8 @@ def main(argv=None) -> int:
     table = {"format": "diffkit-step-density", "version": 1, "knots": list(DENSITY_KNOTS),
              "command": "python -m diffkit.calibrate.step_density", "family": [f[0] + ":" + "+".join(f[2])
                                                                                 for f in FAMILY],
-             "noises": N_NOISE, "log_density": {}, "fits": sorted(fits, key=lambda r: (r["nfe"], r["solver"]))}
+             "noises": N_NOISE, "smoothness": SMOOTHNESS, "maxfev": args.maxfev, "log_density": {},
+             "fits": sorted(fits, key=lambda r: (r["nfe"], r["solver"]))}
     for nfe in nfes:
         best = min((r for r in fits if r["nfe"] == nfe), key=lambda r: r["loss"])
         _, grid, _ = density_grid(best["solver"], best["options"], nfe, best["end"], 0.01, 10.0, best["log_density"])

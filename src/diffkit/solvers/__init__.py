@@ -195,15 +195,15 @@ class Choice:
 
 # Default configuration per budget of model calls, chosen from bench/solvers.py (BENCHMARKS.md, "Candidate
 # defaults"): per budget, the swept configuration with the smallest worst-case ratio to the best anchor over the
-# testbeds (held-out noise checked). At 5 and 6 calls that is the `tuned` step density (fitted by
-# `python -m diffkit.calibrate.step_density` on a family of mixtures that contains none of the testbeds) with the
-# solver that won its tuning at that budget; at 7-12 iPNDM on the log-SNR grid; at 13-30 DEIS with ε̂ extrapolated
-# in log σ̄ on the Karras grid; above, iPNDM on the tuned density (worst ratio 1.01 at 50 calls, against 6.6 for
-# the LMS default it replaced). Rows of (largest nfe the row covers, choice).
+# testbeds (held-out noise checked). Up to 12 calls that is the `tuned` step density (fitted by
+# `python -m diffkit.calibrate.step_density` on a family of 20 mixtures × 2 processes that contains none of the
+# testbeds) with the solver that won its tuning at that budget: UniPC at 5-7 and 11-12 calls, DEIS with ε̂
+# extrapolated in log σ̄ at 8-10; at 13-30 DEIS(log σ̄) on the Karras grid; above, iPNDM on the tuned density.
+# Rows of (largest nfe the row covers, choice).
 DEFAULTS: list[tuple[int, Choice]] = [
-    (5, Choice("unipc", "tuned", "sigma_min")),
-    (6, Choice("ipndm", "tuned", "sigma_min")),
-    (12, Choice("ipndm", "logsnr", "sigma_min")),
+    (7, Choice("unipc", "tuned", "sigma_min")),
+    (10, Choice("deis", "tuned", "sigma_min", {"coordinate": "log_sigma"})),
+    (12, Choice("unipc", "tuned", "sigma_min")),
     (15, Choice("deis", "karras", "replace", {"coordinate": "log_sigma"})),
     (20, Choice("deis", "karras", "sigma_min", {"coordinate": "log_sigma"})),
     (30, Choice("deis", "karras", "zero", {"coordinate": "log_sigma"})),
