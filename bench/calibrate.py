@@ -211,13 +211,29 @@ def digits_setup():
     return G["digits"]
 
 
+def digits_teacher_samples() -> torch.Tensor:
+    """The teacher's samples from the reported noises (computed once, in the parent before the workers fork)."""
+    if "digits_teacher" not in G:
+        den, noise, labels = digits_setup()
+        teacher = diffkit.calibrate.solver_teacher(den, nfe=DIGITS_TEACHER_NFE)
+        x_bar0 = den.process.noise_to_canonical(noise.to(F64), den.process.sigma_bar_max)
+        G["digits_teacher"] = teacher(x_bar0, den.process.sigma_bar_max, 0.0, label=labels)
+    return G["digits_teacher"]
+
+
 def digits_scores(x, labels) -> dict:
+    """FD and accuracy of samples `x`, and their relative RMS distance to the teacher's samples from the same
+    noises (`teacher_err`: how closely a contender reproduces the exact ODE solution, sample by sample)."""
     from diffkit.image_metrics import classifier_accuracy, frechet_digits_distance
 
     x = x.to(torch.float32)
     if not torch.isfinite(x).all():
-        return {"fd": math.inf, "accuracy": 0.0}
-    return {"fd": frechet_digits_distance(x), "accuracy": classifier_accuracy(x, labels)}
+        return {"fd": math.inf, "accuracy": 0.0, "teacher_err": math.inf}
+    out = {"fd": frechet_digits_distance(x), "accuracy": classifier_accuracy(x, labels)}
+    if "digits_teacher" in G and len(x) == len(G["digits_teacher"]):
+        t = G["digits_teacher"].to(F64)
+        out["teacher_err"] = float((x.to(F64) - t).pow(2).mean().sqrt() / t.pow(2).mean().sqrt())
+    return out
 
 
 def _digits_task(task):
@@ -271,9 +287,7 @@ def _digits_task(task):
                     rec.update(nfe=info["nfe"], resolved=info.get("solver"))
                 elif name == "teacher":  # the plans' target: what a perfectly fitted plan would reproduce
                     rec["library"] = "diffkit-teacher"
-                    teacher = diffkit.calibrate.solver_teacher(den, nfe=nfe)
-                    x_bar0 = den.process.noise_to_canonical(noise.to(F64), den.process.sigma_bar_max)
-                    x = teacher(x_bar0, den.process.sigma_bar_max, 0.0, label=labels)
+                    x = digits_teacher_samples()
                 else:
                     net = DigitsNet(den, labels)
                     x_bar0 = den.process.noise_to_canonical(noise.to(F64), den.process.sigma_bar_max)
@@ -394,6 +408,14 @@ def main(argv=None):
         pool.close()
         pool.join()
 
+    if args.digits:  # the teacher's digits samples (every digits record's `teacher_err`), inherited by the workers
+        t0 = time.time()
+        torch.set_num_threads(max(1, args.jobs))
+        with torch.no_grad():
+            digits_teacher_samples()
+        torch.set_num_threads(1)
+        print(f"  digits teacher samples: {time.time() - t0:.1f} s", flush=True)
+
     tasks = build_tasks(args)
     print(f"{len(tasks)} tasks on {args.jobs} workers", flush=True)
     records, loads = [], [load0[0]]
@@ -507,6 +529,7 @@ def targets(data, metric=own_err):
                     "rule": "validation FD" if by_val else "calibration error",
                     "plan_by_error": by_err["config"], "plan_by_error_fd": by_err["fd"],
                     "anchor": a10["config"], "anchor_fd": a10["fd"],
+                    "plan_teacher_err": chosen.get("teacher_err"), "anchor_teacher_err": a10.get("teacher_err"),
                     "best_plan_fd_any": min(r["fd"] for r in plans6)}
     else:
         res["2"] = {"title": "digits: calibrated plan at NFE 6 reaches the FD of the best anchor at NFE 10",
@@ -598,7 +621,10 @@ def markdown(data, fig_rel) -> str:
               f"{t2['plan_fd']:.3f} vs best anchor at NFE 10 ({_name({'config': t2['anchor']})}) "
               f"FD {t2['anchor_fd']:.3f}; best NFE-6 plan FD of any method {t2['best_plan_fd_any']:.3f}"
               + (f"; the plan with the lowest calibration error ({t2['plan_by_error']}) FD "
-                 f"{t2['plan_by_error_fd']:.3f}." if "plan_by_error" in t2 else "."))
+                 f"{t2['plan_by_error_fd']:.3f}" if "plan_by_error" in t2 else "")
+              + (f". Distance to the teacher's samples: the plan {t2['plan_teacher_err']:.4f}, the anchor "
+                 f"{t2['anchor_teacher_err']:.4f}." if t2.get("plan_teacher_err") is not None
+                 and t2.get("anchor_teacher_err") is not None else "."))
         else:
             w(f"2. {t2['title']}: not run.")
         t3 = tg.get("3")
@@ -724,7 +750,9 @@ def markdown(data, fig_rel) -> str:
         w("")
         w(f"{meta['digits_n']} samples from the same noises for every contender; FD = Fréchet distance in the digits "
           "classifier's feature space to the real held-out digits (`frechet_digits_distance`), accuracy = the "
-          "classifier's agreement with the label. Plans: calibrated on "
+          "classifier's agreement with the label, err = relative RMS distance to the teacher's samples from the "
+          "same noises (how closely a contender reproduces the exact ODE solution, sample by sample). Plans: "
+          "calibrated on "
           f"{meta['digits_cal']} noises selected (`select`) from {meta.get('digits_pool', meta['digits_cal'])} "
           "other noises (labels cycling) against `solver_teacher(den, nfe="
           f"{meta['digits_teacher_nfe']})`. Anchors: {len(DIGITS_ANCHORS)} of bench/anchors.py's configurations "
@@ -735,8 +763,8 @@ def markdown(data, fig_rel) -> str:
         teach = [r for r in dg if r["config"] == "teacher"]
         dg = [r for r in dg if r["config"] != "teacher"]
         budgets = sorted({r["budget"] for r in dg})
-        w("| contender | " + " | ".join(f"FD @ {b} | acc @ {b}" for b in budgets) + " | calibration s |")
-        w("|---|" + "---:|---:|" * len(budgets) + "---:|")
+        w("| contender | " + " | ".join(f"FD @ {b} | acc @ {b} | err @ {b}" for b in budgets) + " | calibration s |")
+        w("|---|" + "---:|---:|---:|" * len(budgets) + "---:|")
         names = []
         for r in dg:
             if r["config"] not in names:
@@ -747,9 +775,10 @@ def markdown(data, fig_rel) -> str:
             for b in budgets:
                 r = next((r for r in dg if r["config"] == name and r["budget"] == b), None)
                 if r is None or r["status"] != "ok":
-                    cells += ["—" if r is None else r["status"], ""]
+                    cells += ["—" if r is None else r["status"], "", ""]
                 else:
-                    cells += [f"{r['fd']:.3f}", f"{r['accuracy']:.3f}"]
+                    cells += [f"{r['fd']:.3f}", f"{r['accuracy']:.3f}",
+                              f"{r['teacher_err']:.4f}" if "teacher_err" in r else "—"]
                     if "calibration_seconds" in r:
                         cs = (cs + ", " if cs else "") + f"{r['calibration_seconds']:.0f}"
             label = _name({"config": name})
