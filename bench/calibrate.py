@@ -581,8 +581,8 @@ def markdown(data, fig_rel) -> str:
       f"{meta['load_max_sampled']:.1f} sampled; wall time {meta['wall_s'] / 60:.1f} min. torch {m['torch']}, "
       f"diffusers {m['diffusers']}, k-diffusion {m['k_diffusion']}, commit {rev}"
       + (f" (src files modified in the working tree: {', '.join(dirty)})" if dirty else "") + "."
-      + (f" The digits section was rerun alone (`--only-digits`, {meta['digits_wall_s'] / 60:.1f} min) at commit "
-         f"{meta['digits_revision'][0]}." if "digits_revision" in meta else ""))
+      + (f" The digits section was rerun alone (`--only-digits`, {meta['digits_wall_s'] / 60:.1f} min) with the "
+         f"library (src/) at commit {meta['digits_revision'][0]}." if "digits_revision" in meta else ""))
     w("")
     w("Set-up: every contender starts from the same held-out noises (bench/solvers.py's held-out set, "
       f"N = {meta['n']} per mixture) and calls the exact mixture network; error = RMS distance to the exact flow "
