@@ -221,18 +221,18 @@ def digits_teacher_samples() -> torch.Tensor:
     return G["digits_teacher"]
 
 
-def digits_scores(x, labels) -> dict:
-    """FD and accuracy of samples `x`, and their relative RMS distance to the teacher's samples from the same
-    noises (`teacher_err`: how closely a contender reproduces the exact ODE solution, sample by sample)."""
+def digits_scores(x, labels, teacher: torch.Tensor | None = None) -> dict:
+    """FD and accuracy of samples `x`; with `teacher` (the teacher's samples from the same noises) also their
+    relative RMS distance to it (`teacher_err`: how closely a contender reproduces the exact ODE solution, sample
+    by sample)."""
     from diffkit.image_metrics import classifier_accuracy, frechet_digits_distance
 
     x = x.to(torch.float32)
     if not torch.isfinite(x).all():
-        return {"fd": math.inf, "accuracy": 0.0, "teacher_err": math.inf}
+        return {"fd": math.inf, "accuracy": 0.0} | ({"teacher_err": math.inf} if teacher is not None else {})
     out = {"fd": frechet_digits_distance(x), "accuracy": classifier_accuracy(x, labels)}
-    if "digits_teacher" in G and len(x) == len(G["digits_teacher"]):
-        t = G["digits_teacher"].to(F64)
-        out["teacher_err"] = float((x.to(F64) - t).pow(2).mean().sqrt() / t.pow(2).mean().sqrt())
+    if teacher is not None:
+        out["teacher_err"] = S.rel_err(x, teacher.to(F64))
     return out
 
 
@@ -260,7 +260,8 @@ def _digits_task(task):
                 with torch.no_grad():
                     x = diffkit.sample(den, noise, plan=plan, cond={"label": labels})
             rec.update(nfe=plan.nfe, metrics=plan.metrics, plan={k: v for k, v in plan.to_dict().items()
-                                                                 if k != "metrics"}, **digits_scores(x, labels))
+                                                                 if k != "metrics"},
+                       **digits_scores(x, labels, digits_teacher_samples()))
             # FD on validation noises (neither calibration nor reported noises): how a user picks among plans
             gv = torch.Generator().manual_seed(DIGITS_SEED + 2)
             val_noise = torch.randn(len(noise), *noise.shape[1:], generator=gv)
@@ -298,7 +299,7 @@ def _digits_task(task):
                         raise ValueError("ends at sigma_min")  # only configurations ending at σ̄ = 0 are listed
                     x = run.out / run.scale
                     rec["nfe"] = run.nfe
-            rec.update(digits_scores(x, labels))
+            rec.update(digits_scores(x, labels, digits_teacher_samples()))
         except ValueError as e:
             rec.update(status="n/a", message=str(e).splitlines()[0][:200])
         except Exception as e:  # noqa: BLE001
