@@ -301,3 +301,28 @@ def test_bad_models():
         Denoiser("not a model", process, "eps")
     with pytest.raises(TypeError):
         Denoiser(lambda x, t: x, "VP", "eps")
+
+
+def test_network_of_finds_the_weights_under_wrappers():
+    """`network_of` / `network_device` look through a Denoiser and a guidance transform to the torch network (used
+    for plan fingerprints and for the default device of `sample_sharded`); closed-form callables have none."""
+    from diffkit.denoiser import network_device, network_of
+    from diffkit.guidance import CFG
+    from diffkit.models import MLP
+
+    net = MLP(dim=2, hidden=8, depth=1, num_classes=2).to(F64)
+    den = Denoiser(net, EDM(), "eps")
+    assert network_of(den) is net and network_of(CFG(den, 2.0)) is net
+    assert network_device(CFG(den, 2.0)) == torch.device("cpu")
+    exact = anisotropic_mixture().denoiser(EDM(), "eps")
+    assert network_of(exact) is None and network_device(exact) is None
+    assert network_device(Denoiser(torch.nn.Identity(), EDM(), "x0")) is None  # no weights: unknown
+
+
+def test_testbed_results_keep_the_input_dtype_and_shape():
+    """The closed forms run in float64; results come back as the input (dtype, shape; device, see test_cuda.py)."""
+    mix = anisotropic_mixture()
+    x = torch.randn(5, 1, mix.dim, dtype=torch.float32)
+    for out in (mix.denoise(x, 0.7), mix.eps(x, 0.7), mix.score(x, 0.7), mix.flow_map(x, 0.7, 0.1)):
+        assert out.shape == x.shape and out.dtype == torch.float32
+    assert mix.log_prob(x, 0.7).dtype == F64

@@ -32,7 +32,7 @@ SCRIPT = textwrap.dedent('''
     loss = DiffusionLoss(diffkit.EDM(), "edm", noise_levels="lognormal", immiscible=True, label_dropout=0.2)
     cfg = TrainConfig(steps=8, batch_size=32, lr=3e-3, log_every=1, checkpoint_every=4, progress=False,
                       ema_decay=0.9)
-    trainer = Trainer(model, loss, data, cfg, out_dir=sys.argv[2])
+    trainer = Trainer(model, loss, data, cfg, out_dir=sys.argv[2], device="cpu")  # gloo on the CPU, GPU or not
     losses = [r["loss"] for r in trainer.train() if "loss" in r]
     labels = torch.arange(10) % 2
     samples = sample_sharded(trainer.denoiser(), 10, (2,), seeds=range(100, 110), cond={"label": labels},

@@ -40,6 +40,30 @@ PREDICTIONS = ("eps", "x0", "v", "score", "flow", "edm")
 __all__ = ["Denoiser", "PREDICTIONS", "to_x0", "from_x0", "convert", "affine_coefficients"]
 
 
+def network_of(denoiser) -> torch.nn.Module | None:
+    """The torch network under `denoiser`, found through `.model` (a `Denoiser`, a guidance transform) and
+    `.denoiser` (wrappers) attributes; None for a plain callable (a testbed's closed forms)."""
+    net = denoiser
+    for _ in range(8):
+        if net is None or isinstance(net, torch.nn.Module):
+            break
+        inner = getattr(net, "model", None)
+        net = inner if inner is not None else getattr(net, "denoiser", None)
+    return net if isinstance(net, torch.nn.Module) else None
+
+
+def network_device(denoiser) -> torch.device | None:
+    """The device of the first parameter (or buffer) of the network under `denoiser`; None when unknown."""
+    net = network_of(denoiser)
+    if net is None:
+        return None
+    for t in net.parameters():
+        return t.device
+    for t in net.buffers():
+        return t.device
+    return None
+
+
 def _check_prediction(prediction: str) -> str:
     if prediction not in PREDICTIONS:
         raise ValueError(f"unknown prediction type {prediction!r}; valid: {', '.join(PREDICTIONS)}")

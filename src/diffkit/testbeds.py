@@ -40,6 +40,8 @@ class GaussianMixture:
     `weights` (K,) default to uniform. Optional `labels` (K,) give each component a class in 0..C-1 (several
     components may share one); then `denoise`, `model` and `denoiser` take a per-sample `label` (-1 or None:
     unconditional) and `null_cond` = {"label": -1} is the unconditional conditioning guidance uses.
+    The closed forms are evaluated in float64 on the CPU; results come back in the dtype and on the device of the
+    input points, so a testbed drives a sampler on any device.
     """
 
     def __init__(self, means, stds=None, weights=None, *, covariances=None, labels=None):
@@ -144,14 +146,20 @@ class GaussianMixture:
             return y
         return torch.einsum("kde,nke->nkd", self.eigvecs, y)
 
-    def _flat(self, x: Tensor) -> tuple[Tensor, torch.Size, torch.dtype]:
+    def _flat(self, x: Tensor) -> Tensor:
+        """Points as (N, d) float64 on the CPU, where the closed forms are evaluated (inputs on any device)."""
         if x.ndim < 2 or x[0].numel() != self.dim:
             raise ValueError(f"points must have shape (N, {self.dim}) (or (N, ...) with {self.dim} features); got "
                              f"shape {tuple(x.shape)}")
-        return x.reshape(x.shape[0], self.dim).to(_F64), x.shape, x.dtype
+        return x.reshape(x.shape[0], self.dim).to("cpu", _F64)
+
+    @staticmethod
+    def _like(out: Tensor, x: Tensor) -> Tensor:
+        """`out` (N, d) back in the shape, dtype and device of the input points `x`."""
+        return out.reshape(x.shape).to(x.device, x.dtype)
 
     def _sigma2(self, sigma_bar, n: int) -> Tensor:
-        s = torch.as_tensor(sigma_bar, dtype=_F64)
+        s = torch.as_tensor(sigma_bar, dtype=_F64, device="cpu")
         if s.ndim == 0:
             s = s.expand(n)
         return (s**2)[:, None, None]  # (N, 1, 1)
@@ -184,49 +192,45 @@ class GaussianMixture:
 
     def class_log_probs(self, x_bar: Tensor, sigma_bar) -> Tensor:
         """Exact log p(y | x̄; σ̄) = log Σ_{k: y_k = y} r_k(x̄), shape (N, C) (Bayes' rule on the mixture)."""
-        x, _, _ = self._flat(x_bar)
-        _, _, logp = self._parts(x, sigma_bar)
+        _, _, logp = self._parts(self._flat(x_bar), sigma_bar)
         per_class = logp[:, :, None].masked_fill(~self._class_mask()[None], -math.inf)
-        return torch.logsumexp(per_class, 1) - torch.logsumexp(logp, -1, keepdim=True)
+        return (torch.logsumexp(per_class, 1) - torch.logsumexp(logp, -1, keepdim=True)).to(x_bar.device)
 
     def responsibilities(self, x_bar: Tensor, sigma_bar) -> Tensor:
         """Posterior component probabilities r_k(x̄; σ̄), shape (N, K)."""
-        x, _, _ = self._flat(x_bar)
-        _, _, logp = self._parts(x, sigma_bar)
-        return torch.softmax(logp, -1)
+        _, _, logp = self._parts(self._flat(x_bar), sigma_bar)
+        return torch.softmax(logp, -1).to(x_bar.device)
 
     def denoise(self, x_bar: Tensor, sigma_bar, label=None) -> Tensor:
         """Exact D(x̄, σ̄) = E[x0 | x̄] (σ̄ scalar or per sample), in x̄'s dtype; with `label` (an integer or one
         per sample, -1: unconditional) E[x0 | x̄, y], the denoiser of `conditional(y)`."""
-        x, shape, dtype = self._flat(x_bar)
+        x = self._flat(x_bar)
         y, var, logp = self._parts(x, sigma_bar)
         mask = self._label_logits(label, x.shape[0])
         r = torch.softmax(logp if mask is None else logp + mask, -1)
         post = self.means[None] + self._unproject(self.eigvals[None] / var * y)
-        return (r[..., None] * post).sum(1).reshape(shape).to(dtype)
+        return self._like((r[..., None] * post).sum(1), x_bar)
 
     __call__ = denoise
 
     def eps(self, x_bar: Tensor, sigma_bar) -> Tensor:
         """Exact ε̂(x̄, σ̄) = (x̄ - D)/σ̄, finite at σ̄ = 0."""
-        x, shape, dtype = self._flat(x_bar)
+        x = self._flat(x_bar)
         y, var, logp = self._parts(x, sigma_bar)
         r = torch.softmax(logp, -1)
         sb = self._sigma2(sigma_bar, x.shape[0]).sqrt()
-        return (r[..., None] * self._unproject(sb / var * y)).sum(1).reshape(shape).to(dtype)
+        return self._like((r[..., None] * self._unproject(sb / var * y)).sum(1), x_bar)
 
     def log_prob(self, x_bar: Tensor, sigma_bar=0.0) -> Tensor:
         """Exact log p(x̄; σ̄), shape (N,)."""
-        x, _, _ = self._flat(x_bar)
-        _, _, logp = self._parts(x, sigma_bar)
-        return torch.logsumexp(logp, -1)
+        _, _, logp = self._parts(self._flat(x_bar), sigma_bar)
+        return torch.logsumexp(logp, -1).to(x_bar.device)
 
     def score(self, x_bar: Tensor, sigma_bar) -> Tensor:
         """Exact ∇ log p(x̄; σ̄) = -Σ_k r_k (Σ_k + σ̄² I)^{-1} (x̄ - μ_k)."""
-        x, shape, dtype = self._flat(x_bar)
-        y, var, logp = self._parts(x, sigma_bar)
+        y, var, logp = self._parts(self._flat(x_bar), sigma_bar)
         r = torch.softmax(logp, -1)
-        return -(r[..., None] * self._unproject(y / var)).sum(1).reshape(shape).to(dtype)
+        return self._like(-(r[..., None] * self._unproject(y / var)).sum(1), x_bar)
 
     def sample(self, n: int, generator: torch.Generator | None = None, dtype=torch.float32,
                return_components: bool = False):
@@ -239,7 +243,7 @@ class GaussianMixture:
     def flow_map(self, x_bar: Tensor, sigma_from: float, sigma_to: float = 0.0, rtol: float = 1e-10,
                  atol: float = 1e-10) -> Tensor:
         """Exact probability-flow map x̄(σ_from) -> x̄(σ_to): DOP853 in float64 on dx̄/dσ̄ = ε̂(x̄, σ̄)."""
-        x, shape, dtype = self._flat(x_bar)
+        x = self._flat(x_bar)
         if not (sigma_from >= 0 and sigma_to >= 0):
             raise ValueError("noise levels must be non-negative")
         if sigma_from == sigma_to:
@@ -254,7 +258,7 @@ class GaussianMixture:
                         rtol=rtol, atol=atol)
         if not sol.success:  # pragma: no cover - would be a bug in the mixture formulas
             raise RuntimeError(f"exact flow map integration failed: {sol.message}")
-        return torch.from_numpy(sol.y[:, -1]).reshape(shape).to(dtype)
+        return self._like(torch.from_numpy(sol.y[:, -1]), x_bar)
 
     # -- as a network of any process -------------------------------------------------------------------------
     def model(self, process: Process, prediction: str = "eps"):

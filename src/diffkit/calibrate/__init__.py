@@ -261,7 +261,7 @@ def select_noises(denoiser, x0: Tensor, nfe: int, select: int, start: tuple, *, 
     score = (out - ref).pow(2).flatten(1).sum(1)
     if not torch.isfinite(score).all():
         raise ValueError("screening produced non-finite errors (check the denoiser)")
-    order = score.argsort(descending=True)
+    order = score.argsort(descending=True).cpu()
     hard, rest = order[:h], order[h:]
     easy = rest[torch.randperm(len(rest), generator=g)[:select - h]]
     idx = torch.cat([hard, easy])

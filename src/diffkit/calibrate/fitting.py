@@ -92,7 +92,7 @@ def rel_mse(out: Tensor, target: Tensor, weights: Tensor | None = None) -> Tenso
     mean squared error, or its importance-weighted estimate over a population the noises were drawn from."""
     if weights is None:
         return (out - target).pow(2).mean() / target.pow(2).mean()
-    w = weights.to(out.dtype)
+    w = weights.to(out.device, out.dtype)
     return ((out - target).pow(2).flatten(1).sum(1) * w).sum() / (target.pow(2).flatten(1).sum(1) * w).sum()
 
 
@@ -333,9 +333,9 @@ def linear_subspace(problem: Problem, ridge: float = 1e-6, init=None):
     n = len(tau)
     alpha, B = alpha0.clone(), B0.clone()
     x, outs = problem.x0, []
-    rw = torch.ones(1, dtype=F64)  # per-element weights (mean 1) of the weighted least squares
+    rw = torch.ones(1, dtype=F64, device=x.device)  # per-element weights (mean 1) of the weighted least squares
     if problem.weights is not None:
-        w = problem.weights.to(F64)
+        w = problem.weights.to(x.device, F64)
         rw = (w * len(w) / w.sum()).repeat_interleave(x[0].numel())
     with torch.no_grad():
         for j in range(n):
@@ -344,9 +344,10 @@ def linear_subspace(problem: Problem, ridge: float = 1e-6, init=None):
             y = targets[j].flatten().to(F64)
             c0 = torch.cat([alpha0[j:j + 1], B0[j, :j + 1]])
             wf = feats * rw[:, None]
-            scale = (wf * feats).mean(0).clamp_min(1e-30)
-            A = wf.T @ feats / len(y) + ridge * torch.diag(scale)
-            c = torch.linalg.solve(A, wf.T @ y / len(y) + ridge * scale * c0)
+            # the (j+2)-dimensional normal equations are solved on the CPU, beside the plan's coefficients
+            gram, rhs = (wf.T @ feats / len(y)).cpu(), (wf.T @ y / len(y)).cpu()
+            scale = torch.diagonal(gram).clamp_min(1e-30)
+            c = torch.linalg.solve(gram + ridge * torch.diag(scale), rhs + ridge * scale * c0)
             alpha[j], B[j, :j + 1] = c[0], c[1:]
             x = (alpha[j] * x + sum(B[j, k] * outs[k] for k in range(j + 1))).to(x.dtype)
     return tau, alpha, B

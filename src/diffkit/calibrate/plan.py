@@ -27,6 +27,7 @@ from pathlib import Path
 
 import torch
 
+from ..denoiser import network_of
 from ..solvers.base import emit, evaluate, steps
 
 Tensor = torch.Tensor
@@ -197,13 +198,8 @@ def fingerprint(denoiser) -> str | None:
     """A short hash of the weights of the network under `denoiser` (None when it has no parameters); recomputed
     only when a weight tensor has been replaced or modified since the last call (torch's per-tensor version
     counters)."""
-    net = denoiser
-    for _ in range(8):
-        if net is None or isinstance(net, torch.nn.Module):
-            break
-        inner = getattr(net, "model", None)
-        net = inner if inner is not None else getattr(net, "denoiser", None)
-    if not isinstance(net, torch.nn.Module):
+    net = network_of(denoiser)
+    if net is None:
         return None
     state = sorted(net.state_dict(keep_vars=True).items())
     versions = tuple((id(v), v.data_ptr(), v._version) for _, v in state)  # replaced or modified weights

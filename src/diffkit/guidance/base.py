@@ -55,15 +55,17 @@ class GuidedDenoiser:
         return self.denoise_at(x, sigma, **cond)[1]
 
 
-def expand_cond(cond: dict, batch: int) -> dict:
-    """Conditioning with every value a batch-first tensor: Python numbers and 0-d tensors are repeated `batch`
-    times; None is kept (models read None as "no conditioning")."""
+def expand_cond(cond: dict, batch: int, device=None) -> dict:
+    """Conditioning with every value a batch-first tensor on `device` (default: where it is): Python numbers and
+    0-d tensors are repeated `batch` times; None is kept (models read None as "no conditioning")."""
     out = {}
     for k, v in cond.items():
-        if v is None or (isinstance(v, Tensor) and v.ndim > 0):
+        if v is None:
             out[k] = v
+        elif isinstance(v, Tensor) and v.ndim > 0:
+            out[k] = v if device is None else v.to(device)
         else:
-            out[k] = torch.as_tensor(v).expand(batch).clone()
+            out[k] = torch.as_tensor(v, device=device).expand(batch).clone()
     return out
 
 
@@ -74,7 +76,7 @@ def batched_call(denoiser, x: Tensor, sigma, conds: Sequence[dict]) -> list[Tens
     n, k = x.shape[0], len(conds)
     if k == 1:
         return [denoiser(x, sigma, **conds[0])]
-    conds = [expand_cond(c, n) for c in conds]
+    conds = [expand_cond(c, n, x.device) for c in conds]  # one batch with the state: on its device
     keys = set(conds[0])
     for c in conds[1:]:
         if set(c) != keys:

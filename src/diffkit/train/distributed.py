@@ -78,10 +78,13 @@ def sample_sharded(denoiser, n: int, shape: Sequence[int], *, seeds: Sequence[in
     `diffkit.noise.randn(..., seeds=[seeds[i]])` and uses seeds[i] for its step noise ("Denoising Diffusion
     Probabilistic Models", Ho et al. 2020, Alg. 2, one noise stream per sample), so the result is the same for any
     number of ranks and any batch size. `cond` holds per-sample tensors (n, ...); other keyword arguments go to
-    `diffkit.sample`."""
+    `diffkit.sample`. `device` (of the noise; default: that of the network's weights, else the CPU)."""
+    from ..denoiser import network_device
     from ..noise import randn
     from ..solvers import sample
 
+    if device is None:
+        device = network_device(denoiser) or "cpu"
     seeds = list(range(n)) if seeds is None else [int(s) for s in seeds]
     if len(seeds) != n:
         raise ValueError(f"got {len(seeds)} seeds for {n} samples")

@@ -142,7 +142,9 @@ class Trainer:
     -> dict` every `eval_every` steps. Under torchrun the model is wrapped in DistributedDataParallel.
 
     `callbacks` are called as fn(trainer, step, loss) after every step. `conditional` (default: the model's
-    `config.num_classes` > 0) passes the dataset's labels as ``label=``.
+    `config.num_classes` > 0) passes the dataset's labels as ``label=``. `device`: default the current CUDA device
+    when there is one, else the CPU (under torchrun: nccl on GPUs, gloo with `device="cpu"`); `self.device` is where
+    the model lives, so sample from `trainer.denoiser()` with noise created there.
     """
 
     def __init__(self, model: nn.Module, loss: DiffusionLoss, data: Dataset, config: TrainConfig | None = None, *,
@@ -153,7 +155,9 @@ class Trainer:
         if not isinstance(loss, DiffusionLoss):
             raise TypeError("loss must be a diffkit.train.DiffusionLoss")
         self.cfg = config or TrainConfig()
-        self.distributed = init_distributed()
+        # an explicit CPU device trains over gloo even where CUDA is available (nccl needs a GPU per rank)
+        cpu = device is not None and torch.device(device).type == "cpu"
+        self.distributed = init_distributed("gloo" if cpu else None)
         self.rank, self.world_size = world()
         if self.cfg.batch_size % self.world_size:
             raise ValueError(f"batch_size {self.cfg.batch_size} is not divisible by the {self.world_size} ranks")
