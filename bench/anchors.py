@@ -379,8 +379,9 @@ def anchors(mixture, process, x_bar0: Tensor, *, quick: bool = False) -> list[Co
 
 
 def diffusers_loop(scheduler, model: Callable, x: Tensor, steps: int) -> Tensor:
-    """The standard diffusers sampling loop, set_timesteps included (what a pipeline runs per image batch)."""
-    scheduler.set_timesteps(steps)
+    """The standard diffusers sampling loop, set_timesteps included (what a pipeline runs per image batch; the
+    timesteps on the batch's device, as pipelines put them)."""
+    scheduler.set_timesteps(steps, device=x.device)
     x = x * scheduler.init_noise_sigma
     for t in scheduler.timesteps:
         out = model(scheduler.scale_model_input(x, t), t)

@@ -11,6 +11,8 @@ the `bench/solvers.py` section of BENCHMARKS.md.
 
     python bench/solvers.py            # full run (N = 1000 samples per testbed)
     python bench/solvers.py --quick    # smoke run: N = 200, NFE 5/10/20, fewer configurations, no BENCHMARKS.md
+    python bench/solvers.py --overhead-only --device cuda   # overhead on a GPU: bench/results/overhead_cuda.json
+    python bench/solvers.py --from-json bench/results/solvers.json   # re-render BENCHMARKS.md (adds the GPU table)
 """
 
 from __future__ import annotations
@@ -299,13 +301,16 @@ def _imap(pool, fn, tasks):
 # ------------------------------------------------------------------------------------------------------------
 
 
-def overhead(nfes=(20, 50), repeats: int = 30, shape=(8, 4, 32, 32)) -> list[dict]:
+def overhead(nfes=(20, 50), repeats: int = 30, shape=(8, 4, 32, 32), device: str = "cpu") -> list[dict]:
     """Wall time of whole sampling loops with a near-free model (x -> 0.5 x), median over repeats, all loops
-    interleaved in one process on one thread."""
+    interleaved in one process on one thread. On a GPU every loop is timed up to a device synchronisation (the
+    loops' kernel launches and host-side work: what the library adds to a fast network)."""
     import diffusers
 
     K = A.import_k_diffusion_sampling()
     torch.set_num_threads(1)
+    dev = torch.device(device)
+    sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
     process = diffkit.VP.discrete("scaled_linear")
     sd = dict(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, num_train_timesteps=1000,
               prediction_type="epsilon")
@@ -314,7 +319,7 @@ def overhead(nfes=(20, 50), repeats: int = 30, shape=(8, 4, 32, 32)) -> list[dic
         return x * 0.5
 
     den = diffkit.Denoiser(model, process, "eps")
-    noise = torch.randn(shape, generator=torch.Generator().manual_seed(0), dtype=torch.float32)
+    noise = torch.randn(shape, generator=torch.Generator().manual_seed(0), dtype=torch.float32).to(dev)
     s_min, s_max = process.sigma_bar_min, process.sigma_bar_max
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -333,9 +338,11 @@ def overhead(nfes=(20, 50), repeats: int = 30, shape=(8, 4, 32, 32)) -> list[dic
         ("diffusers", "UniPCMultistep(order 3)"):
             lambda k: A.diffusers_loop(sch["UniPCMultistep(order 3)"], model, noise, k),
         ("k-diffusion", "sample_euler"):
-            lambda k: K.sample_euler(model, noise * s_max, K.get_sigmas_karras(k, s_min, s_max), disable=True),
+            lambda k: K.sample_euler(model, noise * s_max, K.get_sigmas_karras(k, s_min, s_max, device=dev),
+                                     disable=True),
         ("k-diffusion", "sample_dpmpp_2m"):
-            lambda k: K.sample_dpmpp_2m(model, noise * s_max, K.get_sigmas_karras(k, s_min, s_max), disable=True),
+            lambda k: K.sample_dpmpp_2m(model, noise * s_max, K.get_sigmas_karras(k, s_min, s_max, device=dev),
+                                        disable=True),
     }
     rows = []
     rng = random.Random(0)
@@ -343,21 +350,24 @@ def overhead(nfes=(20, 50), repeats: int = 30, shape=(8, 4, 32, 32)) -> list[dic
         times = {name: [] for name in loops}
         for fn in loops.values():  # warm-up
             fn(k)
+        sync()
         for _ in range(repeats):
             order = list(loops)
             rng.shuffle(order)
             for name in order:
                 t0 = time.perf_counter()
                 loops[name](k)
+                sync()
                 times[name].append(time.perf_counter() - t0)
         t0 = time.perf_counter()
         for _ in range(200):
             model(noise, None)
+        sync()
         model_us = (time.perf_counter() - t0) / 200 * 1e6
         for (lib, name), ts in times.items():
             med = statistics.median(ts)
             rows.append({"library": lib, "loop": name, "nfe": k, "median_s": med, "us_per_step": med / k * 1e6,
-                         "model_us_per_call": model_us, "repeats": repeats})
+                         "model_us_per_call": model_us, "repeats": repeats, "device": str(dev)})
     pairs = {"euler": "EulerDiscrete", "dpmpp_2m": "DPMSolverMultistep(order 2)",
              "unipc": "UniPCMultistep(order 3)"}
     for r in rows:
@@ -836,6 +846,7 @@ def markdown(meta, records, summary, tg, over, cons, sus, keys, budgets, fig_rel
         for r in over:
             ratio = f"{r['ratio_vs_diffusers']:.2f} (vs {r['vs']})" if "ratio_vs_diffusers" in r else ""
             w(f"| {r['library']} | {r['loop']} | {r['nfe']} | {r['us_per_step']:.0f} | {ratio} |")
+    gpu_overhead_markdown(w)
     # suspicious
     w("")
     w("### Things to look at")
@@ -1001,6 +1012,9 @@ def main(argv=None):
     p.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1), help="worker processes")
     p.add_argument("--overhead-repeats", type=int, default=None)
     p.add_argument("--no-overhead", action="store_true")
+    p.add_argument("--overhead-only", action="store_true",
+                   help="time only the per-step overhead, on --device; writes bench/results/overhead_<device>.json")
+    p.add_argument("--device", type=str, default="cpu", help="device of the --overhead-only loops")
     p.add_argument("--no-heldout", action="store_true")
     p.add_argument("--md", type=str, default=None,
                    help="markdown file to update (default BENCHMARKS.md; none in --quick mode unless given)")
@@ -1011,6 +1025,8 @@ def main(argv=None):
     args = p.parse_args(argv)
     if args.from_json:
         return rerender(args)
+    if args.overhead_only:
+        return overhead_only(args)
 
     t_start = time.perf_counter()
     commit, dirty = git_revision()
@@ -1111,6 +1127,49 @@ def main(argv=None):
     meta["commit"] = commit
     meta["dirty"] = dirty
     report(meta, records, over, cons, keys, budgets, summary, cands, json_path, fig_path, md_path)
+
+
+def overhead_only(args):
+    """The overhead part alone on `args.device` (a GPU run beside the CPU benchmark; rendered by --from-json)."""
+    dev = torch.device(args.device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda: torch sees no CUDA device")
+    reps = args.overhead_repeats or 30
+    rows = overhead(repeats=reps, device=args.device)
+    name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else machine()["cpu"]
+    commit, dirty = git_revision()
+    commit = os.environ.get("DIFFKIT_COMMIT", commit)  # a copy of the tree without .git (a GPU machine) names it
+    meta = {"command": f".venv/bin/python bench/solvers.py --overhead-only --device {args.device}",
+            "device_name": name, "overhead_shape": [8, 4, 32, 32], "overhead_repeats": reps, "commit": commit,
+            "dirty": dirty, **machine()}
+    path = Path(args.json) if args.json else HERE / "results" / f"overhead_{dev.type}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(_rounded({"meta": meta, "overhead": rows}), indent=1, default=str))
+    for r in rows:
+        extra = f"  ratio vs {r['vs']}: {r['ratio_vs_diffusers']:.2f}" if "vs" in r else ""
+        print(f"  {r['library']:12s} {r['loop']:28s} NFE {r['nfe']:>3}: {r['us_per_step']:8.1f} µs/step{extra}")
+    print(f"wrote {path}")
+
+
+def gpu_overhead_markdown(w) -> None:
+    """The table of bench/results/overhead_cuda.json (from `--overhead-only --device cuda`), when there is one."""
+    path = HERE / "results" / "overhead_cuda.json"
+    if not path.is_file():
+        return
+    data = json.loads(path.read_text())
+    meta, rows = data["meta"], data["overhead"]
+    w("")
+    w(f"On a GPU ({meta['device_name']}, torch {meta['torch']}, diffusers {meta['diffusers']}, commit "
+      f"{meta['commit']}; `{meta['command']}`): the same loops with every tensor on the GPU, each timed up to a "
+      f"device synchronisation, median of {meta['overhead_repeats']} interleaved repeats. The model (one "
+      f"elementwise kernel) costs {rows[0]['model_us_per_call']:.0f} µs per call, so these are the host-side "
+      "work and kernel launches of each library's loop.")
+    w("")
+    w("| library | loop | NFE | µs / step | diffkit / diffusers |")
+    w("|---|---|---:|---:|---:|")
+    for r in rows:
+        ratio = f"{r['ratio_vs_diffusers']:.2f} (vs {r['vs']})" if "ratio_vs_diffusers" in r else ""
+        w(f"| {r['library']} | {r['loop']} | {r['nfe']} | {r['us_per_step']:.0f} | {ratio} |")
 
 
 def rerender(args):
