@@ -280,7 +280,7 @@ def plan(solver: str | None = None, *, process=None, nfe: int | None = None, ste
             schedule, schedule_options = "logsnr", {}
         sigmas = get_sigmas(schedule or spec.schedule, steps, process=process, sigma_min=sigma_min,
                             sigma_max=sigma_max, end=end, **schedule_options)
-    calls = spec.calls([float(s) for s in sigmas], options)
+    calls = spec.calls(sigmas.tolist(), options)
     if nfe is not None and calls > nfe:
         raise ValueError(f"solver {solver!r} needs {calls} model calls on this grid, above the budget of {nfe}")
     return spec, sigmas, options, calls

@@ -18,7 +18,7 @@ Tensor = torch.Tensor
 def as_floats(sigmas) -> list[float]:
     """The σ̄ grid as Python floats: coefficients are computed in float64 on the host, once per step."""
     if isinstance(sigmas, Tensor):
-        return [float(s) for s in sigmas.detach().to("cpu", torch.float64)]
+        return sigmas.detach().to("cpu", torch.float64).reshape(-1).tolist()
     return [float(s) for s in sigmas]
 
 
