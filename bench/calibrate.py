@@ -565,7 +565,7 @@ def _verdict(p):
 
 
 def _switched(r) -> str:
-    """Held-out samples a contender sent to another mixture component than the exact flow map (of 1000)."""
+    """How many held-out samples a contender sent to another mixture component than the exact flow map did."""
     return "—" if r is None or r.get("switched") is None else str(r["switched"])
 
 

@@ -68,6 +68,7 @@ TESTBEDS = {
                   lambda: (GaussianMixture.random(64, seed=2), diffkit.EDM())),
 }
 NOISE_SEED, HELDOUT_SEED = 1000, 2000
+OVERHEAD_SHAPE = (8, 4, 32, 32)  # batch of the per-step overhead loops
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -301,7 +302,7 @@ def _imap(pool, fn, tasks):
 # ------------------------------------------------------------------------------------------------------------
 
 
-def overhead(nfes=(20, 50), repeats: int = 30, shape=(8, 4, 32, 32), device: str = "cpu") -> list[dict]:
+def overhead(nfes=(20, 50), repeats: int = 30, shape=OVERHEAD_SHAPE, device: str = "cpu") -> list[dict]:
     """Wall time of whole sampling loops with a near-free model (x -> 0.5 x), median over repeats, all loops
     interleaved in one process on one thread. On a GPU every loop is timed up to a device synchronisation (the
     loops' kernel launches and host-side work: what the library adds to a fast network)."""
@@ -841,11 +842,7 @@ def markdown(meta, records, summary, tg, over, cons, sus, keys, budgets, fig_rel
       f"{over[0]['model_us_per_call']:.0f} µs per call." if over else "(not run)")
     w("")
     if over:
-        w("| library | loop | NFE | µs / step | diffkit / diffusers |")
-        w("|---|---|---:|---:|---:|")
-        for r in over:
-            ratio = f"{r['ratio_vs_diffusers']:.2f} (vs {r['vs']})" if "ratio_vs_diffusers" in r else ""
-            w(f"| {r['library']} | {r['loop']} | {r['nfe']} | {r['us_per_step']:.0f} | {ratio} |")
+        overhead_table(w, over)
     gpu_overhead_markdown(w)
     # suspicious
     w("")
@@ -1121,7 +1118,7 @@ def main(argv=None):
     meta = {"command": ".venv/bin/python bench/solvers.py" + (" --quick" if quick else ""), "n": n, "budgets": budgets,
             "testbeds": {k: TESTBEDS[k][0] for k in keys}, "jobs": args.jobs, "runtime_s": runtime, "cpu_s": cpu_s,
             "load_avg": os.getloadavg(),
-            "configs_runtime_s": t_configs, "reference_seconds": ref_time, "overhead_shape": [8, 4, 32, 32],
+            "configs_runtime_s": t_configs, "reference_seconds": ref_time, "overhead_shape": list(OVERHEAD_SHAPE),
             "overhead_repeats": args.overhead_repeats or (10 if quick else 30), **machine(),
             "defaults": {str(b): default_choice(b) for b in budgets},
             "deterministic": deterministic_solvers(), "stochastic_excluded": stochastic_solvers()}
@@ -1141,14 +1138,12 @@ def overhead_only(args):
     commit, dirty = git_revision()
     commit = os.environ.get("DIFFKIT_COMMIT", commit)  # a copy of the tree without .git (a GPU machine) names it
     meta = {"command": f".venv/bin/python bench/solvers.py --overhead-only --device {args.device}",
-            "device_name": name, "overhead_shape": [8, 4, 32, 32], "overhead_repeats": reps, "commit": commit,
+            "device_name": name, "overhead_shape": list(OVERHEAD_SHAPE), "overhead_repeats": reps, "commit": commit,
             "dirty": dirty, **machine()}
     path = Path(args.json) if args.json else HERE / "results" / f"overhead_{dev.type}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(_rounded({"meta": meta, "overhead": rows}), indent=1, default=str))
-    for r in rows:
-        extra = f"  ratio vs {r['vs']}: {r['ratio_vs_diffusers']:.2f}" if "vs" in r else ""
-        print(f"  {r['library']:12s} {r['loop']:28s} NFE {r['nfe']:>3}: {r['us_per_step']:8.1f} µs/step{extra}")
+    print_overhead(rows)
     print(f"wrote {path}")
 
 
@@ -1172,11 +1167,24 @@ def gpu_overhead_markdown(w) -> None:
       f"{worst['nfe']}). Target (iii) is judged on the CPU table above, the machine CI and the rest of this file "
       "use; this GPU run is reported beside it, not folded into the verdict.")
     w("")
+    overhead_table(w, rows)
+
+
+def overhead_table(w, rows) -> None:
+    """Markdown table of `overhead()` rows (the CPU run and the GPU run alike)."""
     w("| library | loop | NFE | µs / step | diffkit / diffusers |")
     w("|---|---|---:|---:|---:|")
     for r in rows:
         ratio = f"{r['ratio_vs_diffusers']:.2f} (vs {r['vs']})" if "ratio_vs_diffusers" in r else ""
         w(f"| {r['library']} | {r['loop']} | {r['nfe']} | {r['us_per_step']:.0f} | {ratio} |")
+
+
+def print_overhead(rows) -> None:
+    """Console lines of `overhead()` rows."""
+    print("== per-step overhead (µs/step)")
+    for r in rows:
+        extra = f"  ratio vs {r['vs']}: {r['ratio_vs_diffusers']:.2f}" if "vs" in r else ""
+        print(f"  {r['library']:12s} {r['loop']:28s} NFE {r['nfe']:>3}: {r['us_per_step']:8.1f}{extra}")
 
 
 def rerender(args):
@@ -1232,10 +1240,7 @@ def report(meta, records, over, cons, keys, budgets, summary, cands, json_path, 
             print(f"  {row['budget']:>4}  {_fmt(d):>10}  {_fmt(df):>10}  {_fmt(a):>11}  {ratio:>5}  "
                   f"{d['config'] if d else '—'} | {a['config'] if a else '—'}")
     if over:
-        print("== per-step overhead (µs/step)")
-        for r in over:
-            extra = f"  ratio vs {r['vs']}: {r['ratio_vs_diffusers']:.2f}" if "vs" in r else ""
-            print(f"  {r['library']:12s} {r['loop']:28s} NFE {r['nfe']:>3}: {r['us_per_step']:8.1f}{extra}")
+        print_overhead(over)
     if sus:
         print(f"== {len(sus)} flagged items (see BENCHMARKS.md / JSON)")
         for s in sus[:15]:
