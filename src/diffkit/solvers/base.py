@@ -62,6 +62,21 @@ def evaluate(denoiser, x: Tensor, sigma, cond: dict) -> tuple[Tensor, Tensor]:
     return denoise_at(x, sigma, **cond)
 
 
+def step_loop(denoiser, x: Tensor, sigmas, cond: dict | None, callback, progress: bool,
+              step: Callable[[int, Tensor, Tensor, float, float], Tensor]) -> Tensor:
+    """The loop of every sampler that starts each step with one call at the current level: x̄, D = `evaluate` at
+    σ̄_i, the callback, then x̄ = D into σ̄ = 0 (the exact step with D frozen, h = ∞) or
+    x̄ = step(i, x̄, D, σ̄_i, σ̄_{i+1}), which may make further calls of its own."""
+    cond = cond or {}
+    s = as_floats(sigmas)
+    for i in steps(len(s) - 1, progress):
+        si, ti = s[i], s[i + 1]
+        x, d = evaluate(denoiser, x, si, cond)
+        emit(callback, i, x, si, ti, d)
+        x = d if ti == 0 else step(i, x, d, si, ti)
+    return x
+
+
 class CallCounter:
     """A denoiser that counts model calls (a call with a batch counts once) and keeps the `evaluate` contract
     of the denoiser it wraps."""

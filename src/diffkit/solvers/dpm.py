@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 
-from .base import as_floats, emit, eps_of, evaluate, steps
+from .base import as_floats, eps_of, evaluate, step_loop
 from .stochastic import dpmpp_2s_sde, dpmpp_sde
 
 
@@ -46,12 +46,8 @@ def dpm_solver(denoiser, x, sigmas, *, order: int = 3, orders=None, cond=None, c
         y, d = evaluate(denoiser, y, sig, cond)
         return eps_of(y, d, sig)
 
-    for i in steps(n, progress):
-        si, ti = s[i], s[i + 1]
-        x, d = evaluate(denoiser, x, si, cond)
-        emit(callback, i, x, si, ti, d)
-        x = dpm_solver_step(eps, x, eps_of(x, d, si), si, ti, 1 if ti == 0 else orders[i])
-    return x
+    return step_loop(denoiser, x, s, cond, callback, progress,
+                     lambda i, x, d, si, ti: dpm_solver_step(eps, x, eps_of(x, d, si), si, ti, orders[i]))
 
 
 def dpm_solver_step(eps, x, e_s, si: float, ti: float, order: int, with_lower: bool = False):

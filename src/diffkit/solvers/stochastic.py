@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from ..noise import GaussianNoise
-from .base import as_floats, emit, evaluate, lam, lincomb, lower_order_final_default, multistep_order, steps
+from .base import as_floats, emit, evaluate, lam, lincomb, lower_order_final_default, multistep_order, step_loop, steps
 
 Tensor = torch.Tensor
 
@@ -130,35 +130,27 @@ def ddpm(denoiser, x, sigmas, *, noise=None, variance: str = "small", cond=None,
     (c² = (σ̄² - σ̄'²)(1 + σ̄'²)/(1 + σ̄²)). One call per step."""
     if variance not in ("small", "large"):
         raise ValueError(f"variance must be 'small' (posterior β̃) or 'large' (β); got {variance!r}")
-    cond, noise = cond or {}, _noise(noise, x)
-    s = as_floats(sigmas)
-    for i in steps(len(s) - 1, progress):
-        si, ti = s[i], s[i + 1]
-        x, d = evaluate(denoiser, x, si, cond)
-        emit(callback, i, x, si, ti, d)
-        if ti == 0:
-            x = d
-            continue
+    noise = _noise(noise, x)
+
+    def step(i, x, d, si, ti):
         if variance == "small":
             c = ti * math.sqrt(max(0.0, 1 - (ti / si) ** 2))
         else:
             c = math.sqrt((si**2 - ti**2) * (1 + ti**2) / (1 + si**2))
-        x = torch.lerp(d, x, (ti / si) ** 2) + c * _draw(noise, si, ti, x)
-    return x
+        return torch.lerp(d, x, (ti / si) ** 2) + c * _draw(noise, si, ti, x)
+
+    return step_loop(denoiser, x, sigmas, cond, callback, progress, step)
 
 
 def _ancestral(denoiser, x, sigmas, noise, eta, s_noise, cond, callback, progress):
-    cond, noise = cond or {}, _noise(noise, x)
-    s = as_floats(sigmas)
-    for i in steps(len(s) - 1, progress):
-        si, ti = s[i], s[i + 1]
-        x, d = evaluate(denoiser, x, si, cond)
-        emit(callback, i, x, si, ti, d)
+    noise = _noise(noise, x)
+
+    def step(i, x, d, si, ti):
         down, up = ancestral_split(si, ti, eta)
-        x = torch.lerp(d, x, down / si)  # = D + σ_down ε̂
-        if up > 0:
-            x = x + (s_noise * up) * _draw(noise, si, ti, x)
-    return x
+        x_new = torch.lerp(d, x, down / si)  # = D + σ_down ε̂
+        return x_new + (s_noise * up) * _draw(noise, si, ti, x) if up > 0 else x_new
+
+    return step_loop(denoiser, x, sigmas, cond, callback, progress, step)
 
 
 def ddim_eta(denoiser, x, sigmas, *, noise=None, eta: float = 1.0, cond=None, callback=None, progress=False):
@@ -231,20 +223,14 @@ def dpmpp_sde(denoiser, x, sigmas, *, noise=None, order: int = 2, solver_type: s
     if solver_type not in ("midpoint", "heun"):
         raise ValueError(f"solver_type must be 'midpoint' or 'heun'; got {solver_type!r}")
     eta, s_noise = _nonneg("eta", eta), _nonneg("s_noise", s_noise)
-    cond, noise = cond or {}, (_noise(noise, x) if eta > 0 and s_noise > 0 else None)
+    noise = _noise(noise, x) if eta > 0 and s_noise > 0 else None
     s = as_floats(sigmas)
-    n = len(s) - 1
-    lof = lower_order_final_default(n) if lower_order_final is None else lower_order_final
+    lof = lower_order_final_default(len(s) - 1) if lower_order_final is None else lower_order_final
     hist_d, hist_l = [], []
-    for i in steps(n, progress):
-        si, ti = s[i], s[i + 1]
-        x, d = evaluate(denoiser, x, si, cond)
-        emit(callback, i, x, si, ti, d)
+
+    def step(i, x, d, si, ti):
         hist_d.insert(0, d), hist_l.insert(0, lam(si))
         del hist_d[3:], hist_l[3:]
-        if ti == 0:
-            x = d
-            continue
         o = multistep_order(i, s, order, lof)
         h = math.log(si / ti)
         H = (1.0 + eta) * h
@@ -268,8 +254,9 @@ def dpmpp_sde(denoiser, x, sigmas, *, noise=None, order: int = 2, solver_type: s
         x_new = lincomb((math.exp(-H), x), *((wk, hist_d[k]) for k, wk in enumerate(w[:o])))
         if eta > 0 and s_noise > 0:
             x_new = x_new + (s_noise * ti * math.sqrt(-math.expm1(-2.0 * eta * h))) * _draw(noise, si, ti, x)
-        x = x_new
-    return x
+        return x_new
+
+    return step_loop(denoiser, x, s, cond, callback, progress, step)
 
 
 def dpmpp_2s_sde(denoiser, x, sigmas, *, noise=None, eta: float = 1.0, r: float = 0.5, solver_type: str = "midpoint",
@@ -288,15 +275,9 @@ def dpmpp_2s_sde(denoiser, x, sigmas, *, noise=None, eta: float = 1.0, r: float 
     if solver_type not in ("midpoint", "heun"):
         raise ValueError(f"solver_type must be 'midpoint' or 'heun'; got {solver_type!r}")
     cond, noise = cond or {}, _noise(noise, x)
-    s = as_floats(sigmas)
     kappa = 1.0 + eta
-    for i in steps(len(s) - 1, progress):
-        si, ti = s[i], s[i + 1]
-        x, d = evaluate(denoiser, x, si, cond)
-        emit(callback, i, x, si, ti, d)
-        if ti == 0:
-            x = d
-            continue
+
+    def step(i, x, d, si, ti):
         h = math.log(si / ti)
         su = si * math.exp(-r * h)
         u = math.exp(-kappa * r * h) * x + (-math.expm1(-kappa * r * h)) * d
@@ -309,8 +290,9 @@ def dpmpp_2s_sde(denoiser, x, sigmas, *, noise=None, eta: float = 1.0, r: float 
         u, d_u = evaluate(denoiser, u, su, cond)
         m = exp_moments(kappa * h, 1)
         c = 0.5 * m[0] if solver_type == "midpoint" else m[1]
-        x = x_new + (c / r) * (d_u - d)
-    return x
+        return x_new + (c / r) * (d_u - d)
+
+    return step_loop(denoiser, x, sigmas, cond, callback, progress, step)
 
 
 # -- SA-Solver -------------------------------------------------------------------------------------------------------
@@ -408,19 +390,12 @@ def euler_maruyama(denoiser, x, sigmas, *, noise=None, time: str | None = None, 
         raise ValueError(f"time must be 'native' or 'sigma'; got {time!r}")
     if time == "native" and process is None:
         raise ValueError("time='native' needs a diffkit.Denoiser with a process; use time='sigma'")
-    cond, noise = cond or {}, _noise(noise, x)
-    s = as_floats(sigmas)
-    for i in steps(len(s) - 1, progress):
-        si, ti = s[i], s[i + 1]
-        x, d = evaluate(denoiser, x, si, cond)
-        emit(callback, i, x, si, ti, d)
-        if ti == 0:
-            x = d
-            continue
+    noise = _noise(noise, x)
+
+    def step(i, x, d, si, ti):
         z = _draw(noise, si, ti, x)
         if time == "sigma":
-            x = x + (2.0 * (si - ti) / si) * (d - x) + math.sqrt(2.0 * si * (si - ti)) * z
-            continue
+            return x + (2.0 * (si - ti) / si) * (d - x) + math.sqrt(2.0 * si * (si - ti)) * z
         t_i, a_i, f, g2 = _native_sde(process, si)
         t_n = float(process.t_of_sigma_bar(torch.tensor(ti, dtype=torch.float64)))
         a_n = float(process.alpha(torch.tensor(t_n, dtype=torch.float64)))
@@ -429,8 +404,9 @@ def euler_maruyama(denoiser, x, sigmas, *, noise=None, time: str | None = None, 
         # native x = a x̄, score = a (D - x̄)/sigma²:  x' = x - (f x - g² score) dt + g sqrt(dt) z
         x_nat = a_i * x
         score = (a_i / sig2) * (d - x)
-        x = (x_nat - (f * x_nat - g2 * score) * dt + math.sqrt(max(g2 * dt, 0.0)) * z) / a_n
-    return x
+        return (x_nat - (f * x_nat - g2 * score) * dt + math.sqrt(max(g2 * dt, 0.0)) * z) / a_n
+
+    return step_loop(denoiser, x, sigmas, cond, callback, progress, step)
 
 
 # -- predictor-corrector ---------------------------------------------------------------------------------------------
