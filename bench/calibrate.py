@@ -39,6 +39,7 @@ import anchors as A  # noqa: E402
 import solvers as S  # noqa: E402
 
 import diffkit  # noqa: E402
+from diffkit.checkpoint import atomic_write  # noqa: E402
 from diffkit.testbeds import GaussianMixture  # noqa: E402
 
 F64 = torch.float64
@@ -461,10 +462,8 @@ def main(argv=None):
     if args.quick:
         print(markdown(data, None))
         return 0
-    json_path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = json_path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(S._rounded(data), indent=1) + "\n")
-    os.replace(tmp, json_path)
+    data = S._rounded(data)  # report what the JSON holds, so that `--render` rebuilds the same block
+    atomic_write(json_path, (json.dumps(data, indent=1) + "\n").encode())
     report(data, fig_path, md_path)
     return 0
 

@@ -43,6 +43,7 @@ sys.path.insert(0, str(HERE))
 import anchors as A  # noqa: E402
 
 import diffkit  # noqa: E402
+from diffkit.checkpoint import atomic_write  # noqa: E402
 from diffkit.solvers import default_for, get_solver  # noqa: E402
 from diffkit.testbeds import GaussianMixture  # noqa: E402
 
@@ -1142,7 +1143,7 @@ def overhead_only(args):
             "dirty": dirty, **machine()}
     path = Path(args.json) if args.json else HERE / "results" / f"overhead_{dev.type}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(_rounded({"meta": meta, "overhead": rows}), indent=1, default=str))
+    atomic_write(path, json.dumps(_rounded({"meta": meta, "overhead": rows}), indent=1, default=str).encode())
     print_overhead(rows)
     print(f"wrote {path}")
 
@@ -1222,7 +1223,7 @@ def report(meta, records, over, cons, keys, budgets, summary, cands, json_path, 
                                 for f in ("best_diffkit", "best_anchor", "default", "best_diffusers",
                                           "best_kdiffusion")}} for row in rows] for k, rows in summary.items()}}
     if write_json:
-        json_path.write_text(json.dumps(_rounded(slim), separators=(",", ":"), default=str))
+        atomic_write(json_path, json.dumps(_rounded(slim), separators=(",", ":"), default=str).encode())
     if md_path is not None:
         fig_rel = os.path.relpath(fig_path, md_path.parent)
         write_markdown(md_path, markdown(meta, records, summary, tg, over, cons, sus, keys, budgets, fig_rel,

@@ -54,7 +54,7 @@ from diffkit.solvers import get_solver  # noqa: E402
 from diffkit.testbeds import GaussianMixture  # noqa: E402
 
 F64 = torch.float64
-START, END = "<!-- bench/stochastic.py:start -->", "<!-- bench/stochastic.py:end -->"
+MARKER = "bench/stochastic.py"
 NFES, QUICK_NFES = (10, 20, 50, 100), (10, 20)
 SEEDS, QUICK_SEEDS = 5, 2
 N, QUICK_N = 1500, 300
@@ -584,7 +584,7 @@ def markdown(meta, summary, sec, tg, lik, keys, nfes, fig_rel) -> str:
     for key in keys:
         L.append(f"### {key}: MMD² ×10⁴ (mean ± 95% CI) by configuration\n")
         cfgs = sorted({cfg for (b, cfg, n) in summary if b == key},
-                      key=lambda c: (summary.get((key, c, nfes[-1]), {"mean": math.inf})["mean"]))
+                      key=lambda c: (summary.get((key, c, nfes[-1]), {"mean": math.inf})["mean"], c))
         L.append("| configuration | library | kind | " + " | ".join(f"NFE {n}" for n in nfes) + " |")
         L.append("|---|---|---|" + "---|" * len(nfes))
         for c in cfgs:
@@ -622,15 +622,10 @@ def markdown(meta, summary, sec, tg, lik, keys, nfes, fig_rel) -> str:
 
 
 def write_section(path: Path, body: str):
-    text = path.read_text() if path.exists() else "# diffkit benchmarks\n"
-    block = f"{START}\n{body}{END}"
-    if START in text and END in text:
-        pre, rest = text.split(START, 1)
-        _, post = rest.split(END, 1)
-        text = pre + block + post
-    else:
-        text = text.rstrip("\n") + "\n\n" + block + "\n"
-    path.write_text(text)
+    """Replace this script's block of BENCHMARKS.md (appended when missing), atomically."""
+    from diffkit.benchmark import write_block
+
+    write_block(path, body, MARKER)
 
 
 def render(res_path: Path, md: str | None):
@@ -702,11 +697,13 @@ def main():
     res_path.parent.mkdir(parents=True, exist_ok=True)
     plot(summary, keys, nfes, fig_path)
     meta["seconds"] = time.perf_counter() - t_start
-    res_path.write_text(json.dumps({"meta": meta, "testbeds": {k: {"title": TESTBEDS[k][0],
-                                                                   "bandwidths": _BEDS[k].bandwidths,
-                                                                   "data_var": _BEDS[k].data_var} for k in keys},
-                                    "records": [{k: v for k, v in r.items() if k != "trace"} for r in records],
-                                    "targets": tg, "likelihood": lik}, indent=1, default=str))
+    from diffkit.checkpoint import atomic_write
+
+    atomic_write(res_path, json.dumps({"meta": meta, "testbeds": {k: {"title": TESTBEDS[k][0],
+                                                                      "bandwidths": _BEDS[k].bandwidths,
+                                                                      "data_var": _BEDS[k].data_var} for k in keys},
+                                       "records": [{k: v for k, v in r.items() if k != "trace"} for r in records],
+                                       "targets": tg, "likelihood": lik}, indent=1, default=str).encode())
     md = markdown(meta, summary, sec, tg, lik, keys, nfes, f"bench/figures/{fig_path.name}")
     md_path = Path(args.md) if args.md else (None if quick else ROOT / "BENCHMARKS.md")
     if md_path is not None:

@@ -34,7 +34,7 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-START, END = "<!-- bench/training.py:start -->", "<!-- bench/training.py:end -->"
+MARKER = "bench/training.py"
 LOOPS = ("diffkit_trainer", "diffkit_plain", "diffusers_plain")
 
 
@@ -178,7 +178,7 @@ def write_markdown(res: dict) -> None:
     th, mem = res["throughput"], res["memory"]
     names = {"diffkit_trainer": "diffkit `Trainer` (EDM loss) + diffkit UNet",
              "diffkit_plain": "plain loop + diffkit `UNet`", "diffusers_plain": "plain loop + diffusers `UNet2DModel`"}
-    lines = [START, "## Training throughput (`bench/training.py`)", "",
+    lines = ["## Training throughput (`bench/training.py`)", "",
              f"16x16 class-conditional digits, batch {res['batch']}, AdamW, {res['threads']} CPU thread(s), "
              f"{res['rounds'] * res['steps']} rounds of one step of every loop, interleaved (order alternating). "
              f"Ratio = diffusers loop time / loop time, from process CPU time (one torch thread: the work itself, "
@@ -195,16 +195,10 @@ def write_markdown(res: dict) -> None:
                      f"{th['images_per_s'][n]:.1f} | {th['ratio_vs_diffusers'][n]:.3f}x | "
                      f"{th['ratio_vs_diffusers_wall'][n]:.3f}x | {mem[n]['peak_rss_growth_mib']:.0f} | "
                      f"{mem[n]['peak_rss_mib']:.0f} |")
-    lines += ["", f"Command: `{res['command']}`", END]
-    block = "\n".join(lines)
-    path = ROOT / "BENCHMARKS.md"
-    text = path.read_text() if path.exists() else "# diffkit benchmarks\n"  # re-read right before writing
-    if START in text and END in text:
-        a, b = text.index(START), text.index(END) + len(END)
-        text = text[:a] + block + text[b:]
-    else:
-        text = text.rstrip("\n") + "\n\n" + block + "\n"
-    path.write_text(text)
+    lines += ["", f"Command: `{res['command']}`"]
+    from diffkit.benchmark import write_block
+
+    write_block(ROOT / "BENCHMARKS.md", "\n".join(lines), MARKER)
 
 
 def main(argv=None) -> int:
@@ -239,8 +233,9 @@ def main(argv=None) -> int:
               f"peak RSS +{res['memory'][n]['peak_rss_growth_mib']:.0f} MiB")
     if not args.quick:
         out = ROOT / "bench" / "results" / "training.json"
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(res, indent=1))
+        from diffkit.checkpoint import atomic_write
+
+        atomic_write(out, json.dumps(res, indent=1).encode())
         write_markdown(res)
     return 0
 

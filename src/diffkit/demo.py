@@ -17,14 +17,13 @@ from __future__ import annotations
 
 import argparse
 import io
-import os
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 import torch
 
+from .checkpoint import atomic_write
 from .processes import EDM
 from .solvers import default_for, sample
 from .testbeds import GaussianMixture
@@ -90,7 +89,7 @@ def run_digits(out: Path, per_class: int = 5, seed: int = 0, model=None, solvers
     import numpy as np
 
     np.savez(buf, labels=labels.numpy(), **{f"{lab.split()[0]}_nfe{b}": x.numpy() for (lab, b), x in samples.items()})
-    _atomic_write_bytes(out / "samples.npz", buf.getvalue())
+    atomic_write(out / "samples.npz", buf.getvalue())
     return results
 
 
@@ -154,7 +153,7 @@ def _quality_table(path: Path, results: dict, n: int):
         cells = [f"{results[(lab, b)]['accuracy']:.0%} / {results[(lab, b)]['fd']:.1f}" if (lab, b) in results
                  else "" for b in nfes]
         lines.append(f"| {lab} | " + " | ".join(cells) + " |")
-    _atomic_write_bytes(path, ("\n".join(lines) + "\n").encode())
+    atomic_write(path, ("\n".join(lines) + "\n").encode())
 
 
 def _pyplot():
@@ -171,7 +170,7 @@ def _save_fig(fig, path: Path, dpi: int = 110):
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=dpi)
     plt.close(fig)
-    _atomic_write_bytes(path, buf.getvalue())
+    atomic_write(path, buf.getvalue())
 
 
 SOLVERS = (("euler", "karras"), ("heun", "karras"), ("dpmpp_2m", "logsnr"), ("unipc", "logsnr"), (None, None))
@@ -207,16 +206,6 @@ def run_ring(out: Path, n: int = 2000, seed: int = 0) -> dict:
     return results
 
 
-def _atomic_write_bytes(path: Path, data: bytes):
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".")
-    os.chmod(tmp, 0o644)  # mkstemp creates 0600; outputs are ordinary files
-    with os.fdopen(fd, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 def _write_table(path: Path, results: dict, resolved: dict | None = None):
     labels = list(dict.fromkeys(k[0] for k in results))
     lines = ["Relative RMS error against the exact probability-flow map, 2-D ring testbed (EDM process).", "",
@@ -226,7 +215,7 @@ def _write_table(path: Path, results: dict, resolved: dict | None = None):
         lines.append(f"| {lab} | " + " | ".join(f"{results[(lab, b)]:.2e}" for b in BUDGETS) + " |")
     if resolved:
         lines += ["", "default = " + "; ".join(f"NFE {b}: {c}" for b, c in resolved.items())]
-    _atomic_write_bytes(path, ("\n".join(lines) + "\n").encode())
+    atomic_write(path, ("\n".join(lines) + "\n").encode())
 
 
 def _plot(path: Path, samples: dict, exact, results: dict):
