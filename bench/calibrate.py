@@ -62,6 +62,9 @@ CAL_SEED = 3000  # calibration noises: CAL_SEED + testbed index (the evaluation 
 N_POOL = 8192  # screened noises; the teacher labels N_CAL of them (`calibrate(select=N_CAL)`)
 N_CAL = 1024
 ABLATION_NFES = (6, 10)  # joint plans on N_CAL uniform noises (no selection), for comparison
+# how far linear plans go: joint plans on many uniform noises with no effective time limit, where target 1 fails
+CAPACITY = (("random16d", 10), ("random32d", 10))
+CAPACITY_N_CAL, CAPACITY_BUDGET = 4096, 900.0
 TEACHER_NFE = 300
 BUDGET = {"joint": 60.0}
 DEFAULT_BUDGET = 30.0
@@ -131,11 +134,15 @@ def own_err(rec: dict) -> float:
 
 
 def _plan_task(task):
-    key, nfe, method, budget, select = task
+    """A calibrated plan: on N_POOL screened noises (`select`: the teacher labels N_CAL), or on uniform noises
+    (N_CAL, or `n_uniform` for the capacity runs), evaluated on the held-out noises."""
+    key, nfe, method, budget, select, *n_uniform = task
+    n_cal = n_uniform[0] if n_uniform else G["n_cal"]
     torch.set_num_threads(1)
     b = S.bed(key, True)
-    rec = {"kind": "plan" if select else "ablation", "testbed": key, "library": "diffkit-calibrated",
-           "config": f"plan:{method}" + ("" if select else f" ({G['n_cal']} uniform noises)"),
+    rec = {"kind": "plan" if select else "capacity" if n_uniform else "ablation", "testbed": key,
+           "library": "diffkit-calibrated", "n_cal": n_cal,
+           "config": f"plan:{method}" + ("" if select else f" ({n_cal} uniform noises)"),
            "method": method, "budget": nfe, "calibration_budget_s": budget, "status": "ok"}
     t0 = time.perf_counter()
     try:
@@ -143,7 +150,7 @@ def _plan_task(task):
         teacher = diffkit.calibrate.solver_teacher(den, nfe=G["teacher_nfe"])
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            noises = cal_noise(key, G["n_pool"] if select else G["n_cal"])
+            noises = cal_noise(key, G["n_pool"] if select else n_cal)
             plan = diffkit.calibrate(den, nfe, noises=noises, heldout=b.noise, teacher=teacher, method=method,
                                      budget=budget, select=G["n_cal"] if select else None)
         rec["load_after"] = os.getloadavg()[0]
@@ -397,6 +404,8 @@ def build_tasks(args) -> list[tuple]:
     for key in keys:
         for nfe in nfes:
             tasks.append(("plan", key, nfe, "joint", BUDGET["joint"] * args.budget_scale, True))
+    for key, nfe in args.capacity:
+        tasks.insert(0, ("plan", key, nfe, "joint", CAPACITY_BUDGET, False, CAPACITY_N_CAL))
     for key in keys:
         for nfe in args.ablation_nfes:
             tasks.append(("plan", key, nfe, "joint", BUDGET["joint"] * args.budget_scale, False))
@@ -428,6 +437,9 @@ def main(argv=None):
     ap.add_argument("--no-digits", dest="digits", action="store_false")
     ap.add_argument("--only-digits", action="store_true", help="rerun only the digits part and replace its records "
                     "in the saved JSON")
+    ap.add_argument("--only-capacity", action="store_true", help="rerun only the capacity runs (joint plans on "
+                    f"{CAPACITY_N_CAL} uniform noises, budget {CAPACITY_BUDGET:.0f} s; about 6 min) and replace their "
+                    "records in the saved JSON")
     ap.add_argument("--render", action="store_true", help="rebuild the report from the saved JSON")
     ap.add_argument("--fd-bootstrap", action="store_true", help="(re)compute the digits FD bootstrap of target 2 "
                     "for the saved JSON, store it there and rebuild the report (about a minute)")
@@ -443,13 +455,15 @@ def main(argv=None):
         report(data, fig_path, md_path)
         return 0
     args.keys, args.nfes, args.method_keys, args.method_nfes = KEYS, NFES, METHOD_KEYS, (6,)
-    args.budget_scale, args.ablation_nfes = 1.0, ABLATION_NFES
+    args.budget_scale, args.ablation_nfes, args.capacity = 1.0, ABLATION_NFES, CAPACITY
     G.update(n_cal=N_CAL, n_pool=N_POOL, teacher_nfe=TEACHER_NFE, digits_n=DIGITS_N, digits_cal=DIGITS_CAL)
     if args.only_digits:
-        args.keys, args.method_keys, args.ablation_nfes, args.digits = (), (), (), True
+        args.keys, args.method_keys, args.ablation_nfes, args.digits, args.capacity = (), (), (), True, ()
+    if args.only_capacity:
+        args.keys, args.method_keys, args.ablation_nfes, args.digits = (), (), (), False
     if args.quick:
         args.n, args.keys, args.nfes, args.method_keys, args.digits = 200, ("ring2d",), (5,), ("ring2d",), False
-        args.method_nfes, args.budget_scale, args.ablation_nfes = (5,), 0.2, ()
+        args.method_nfes, args.budget_scale, args.ablation_nfes, args.capacity = (5,), 0.2, (), ()
         G.update(n_cal=256, n_pool=1024)
     S.G.update(n=args.n, quick=False, diffkit=fixed_configs())
     torch.set_num_threads(1)
@@ -457,7 +471,8 @@ def main(argv=None):
     print(f"load average at start: {load0}", flush=True)
 
     # exact references (parent, before the pool forks: the workers inherit them)
-    ref_tasks = [(k, True, s) for k in args.keys for s in (0.0, S.bed(k, True).s_min)]
+    ref_keys = list(dict.fromkeys(list(args.keys) + [k for k, _ in args.capacity]))
+    ref_tasks = [(k, True, s) for k in ref_keys for s in (0.0, S.bed(k, True).s_min)]
     pool = S._pool(args.jobs)
     for k, ref, secs in S._imap(pool, _ref, ref_tasks):
         S.G["refs"][k] = ref
@@ -483,8 +498,8 @@ def main(argv=None):
         done += 1
         records.extend(recs)
         for r in recs:
-            if r["kind"] in ("plan", "digits") and "method" in r or r["status"] == "error":
-                extra = (f"err {own_err(r):.3g}" if r["kind"] == "plan" and r["status"] == "ok" else
+            if r["kind"] in ("plan", "capacity", "digits") and "method" in r or r["status"] == "error":
+                extra = (f"err {own_err(r):.3g}" if r["kind"] in ("plan", "capacity") and r["status"] == "ok" else
                          f"fd {r.get('fd', float('nan')):.3g}" if r["status"] == "ok" else r.get("message", ""))
                 print(f"  [{done}/{len(tasks)} {time.time() - t_start:.0f}s] {r.get('testbed', 'digits')} "
                       f"{r['config']} nfe {r.get('budget')}: {r['status']} {extra} "
@@ -502,7 +517,9 @@ def main(argv=None):
             "load_max_sampled": max(loads), "machine": S.machine(), "revision": S.git_revision(),
             "keys": list(args.keys), "nfes": list(args.nfes), "method_keys": list(args.method_keys),
             "method_nfes": list(args.method_nfes), "titles": {k: S.TESTBEDS[k][0] for k in args.keys},
-            "digits": args.digits, "digits_n": DIGITS_N, "digits_cal": DIGITS_CAL, "digits_pool": DIGITS_POOL,
+            "capacity": [list(c) for c in args.capacity], "capacity_n_cal": CAPACITY_N_CAL,
+            "capacity_budget_s": CAPACITY_BUDGET, "digits": args.digits, "digits_n": DIGITS_N,
+            "digits_cal": DIGITS_CAL, "digits_pool": DIGITS_POOL,
             "digits_teacher_nfe": DIGITS_TEACHER_NFE, "budgets": {"joint": BUDGET["joint"] * args.budget_scale,
                                                                  "others": DEFAULT_BUDGET * args.budget_scale}}
     for r in records:
@@ -513,6 +530,11 @@ def main(argv=None):
         old = json.loads(json_path.read_text())
         old["meta"].update(digits_revision=meta["revision"], digits_wall_s=wall)
         data = {"meta": old["meta"], "records": [r for r in old["records"] if r["kind"] != "digits"] + records}
+    if args.only_capacity:  # likewise for the capacity runs
+        old = json.loads(json_path.read_text())
+        old["meta"].update(capacity_revision=meta["revision"], capacity_wall_s=wall)
+        data = {"meta": old["meta"], "records": [r for r in old["records"] if r["kind"] != "capacity"] + records}
+        data.update({k: v for k, v in old.items() if k not in data})
     if args.quick:
         print(markdown(data, None))
         return 0
@@ -636,8 +658,9 @@ def markdown(data, fig_rel) -> str:
     w("")
     w("Reproduce: `.venv/bin/python bench/calibrate.py` "
       "(`--quick`: ring2d, NFE 5, under a minute, prints only; `--jobs N` worker processes, default 2; `--render` "
-      "rebuilds this block from `bench/results/calibrate.json`; `--only-digits` reruns the digits section alone; "
-      "`--fd-bootstrap` recomputes the resolution of target 2 for the saved JSON).  ")
+      "rebuilds this block from `bench/results/calibrate.json`; `--only-digits` reruns the digits section alone, "
+      "`--only-capacity` the capacity runs; `--fd-bootstrap` recomputes the resolution of target 2 for the saved "
+      "JSON).  ")
     m = meta["machine"]
     rev, dirty = meta["revision"]
     w(f"Run: {m['cpu']}, {m['cores']} cores shared with other jobs, {meta['jobs']} worker processes, one thread "
@@ -646,7 +669,9 @@ def markdown(data, fig_rel) -> str:
       f"diffusers {m['diffusers']}, k-diffusion {m['k_diffusion']}, commit {rev}"
       + (f" (src files modified in the working tree: {', '.join(dirty)})" if dirty else "") + "."
       + (f" The digits section was rerun alone (`--only-digits`, {meta['digits_wall_s'] / 60:.1f} min) with the "
-         f"library (src/) at commit {meta['digits_revision'][0]}." if "digits_revision" in meta else ""))
+         f"library (src/) at commit {meta['digits_revision'][0]}." if "digits_revision" in meta else "")
+      + (f" The capacity runs were rerun alone (`--only-capacity`, {meta['capacity_wall_s'] / 60:.1f} min) with the "
+         f"library (src/) at commit {meta['capacity_revision'][0]}." if "capacity_revision" in meta else ""))
     w("")
     w("Set-up: every contender starts from the same held-out noises (bench/solvers.py's held-out set, "
       f"N = {meta['n']} per mixture) and calls the exact mixture network; error = RMS distance to the exact flow "
@@ -757,6 +782,9 @@ def markdown(data, fig_rel) -> str:
               "once the plan moves away from the starting solver, the noises that solver got most wrong are no longer "
               "its hard ones.")
             w("")
+    capacity = [r for r in recs if r["kind"] == "capacity" and _ok(r)]
+    if capacity:
+        w(markdown_capacity(recs, capacity))
     # methods
     mkeys = meta["method_keys"]
     for nfe in meta["method_nfes"]:
@@ -893,6 +921,36 @@ def markdown(data, fig_rel) -> str:
               f"{r.get('message')}")
         w("")
     return "\n".join(lines) + "\n"
+
+
+def markdown_capacity(recs, capacity) -> str:
+    """The capacity table: joint plans fitted on many uniform noises with no effective time limit, against the
+    benchmark's own plan, the best anchor and what target 1 asks."""
+    L = ["### How far linear plans go (joint plans on many noises, no effective time limit)", "",
+         "Every plan is a linear rule in the model outputs (README, \"Calibrated solver plans\"), and the rule "
+         "class is complete: each network input and the output can be any linear combination of the start and the "
+         "earlier outputs. Where target 1 fails, the joint plan was refitted on "
+         f"{capacity[0]['n_cal']} uniform noises (4× the plans above) with a budget of "
+         f"{capacity[0]['calibration_budget_s']:.0f} s (the optimiser stops at its evaluation cap first), to tell "
+         "whether the noises, the time limit or the rule class limits the held-out error.", "",
+         "| mixture | NFE | noises | calibration error | held-out error | plan above (held-out) | best anchor | "
+         "0.33 × anchor (target 1) | mode switches (this plan / anchor) | optimiser s |",
+         "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in sorted(capacity, key=lambda r: (r["testbed"], r["budget"])):
+        key, nfe = r["testbed"], r["budget"]
+        m = best(recs, key, nfe, ("plan",))
+        a = best(recs, key, nfe, ("anchor",))
+        L.append(f"| {key} | {nfe} | {r['n_cal']} | {r['metrics']['error']:.2e} | {_e(r)} | {_e(m)} | {_e(a)} | "
+                 + (f"{0.33 * own_err(a):.2e}" if a else "—") + f" | {_switched(r)} / {_switched(a)} | "
+                 f"{r['metrics']['seconds']:.0f} |")
+    above = [r for r in capacity if (a := best(recs, r["testbed"], r["budget"], ("anchor",)))
+             and r["metrics"]["error"] > 0.33 * own_err(a)]
+    L += ["", f"In {len(above)} of {len(capacity)} rows the refitted plan stays above 0.33 × the anchor's error even "
+          "on the noises it was fitted to (calibration error, against the teacher, above the target column): there "
+          "neither more noises nor more time reach target 1, and a richer rule than a linear one (per-sample or "
+          "nonlinear steps) would be needed. The optimiser is local (L-BFGS from the best starting solver), so this "
+          "is evidence, not a proof.", ""]
+    return "\n".join(L)
 
 
 def plot(data, path: Path):
