@@ -726,7 +726,8 @@ def markdown(data, fig_rel) -> str:
                   f"{pl['p_below']:.0%} of resamples; the teacher itself against the same anchor "
                   f"{te['median']:+.3f} [{te['lo']:+.3f}, {te['hi']:+.3f}], below 0 in {te['p_below']:.0%}. The "
                   f"verdict above is the literal comparison of the two point estimates (the regenerated samples "
-                  f"reproduce the recorded FDs to {bs['max_fd_mismatch']:.0e}).")
+                  "reproduce the recorded FDs " + (f"to {bs['max_fd_mismatch']:.0e})." if bs["max_fd_mismatch"]
+                                                   else "exactly)."))
         else:
             w(f"2. {t2['title']}: not run.")
         t3 = tg.get("3")
