@@ -7,14 +7,17 @@ the calibration methods were developed (grid2d: `GaussianMixture.grid()` under r
 `GaussianMixture.random(32, seed=7)` under continuous linear VP). Every contender starts from the same held-out
 noises (bench/solvers.py's held-out set) and is scored by `rel_err` against the exact flow map. Plans are calibrated
 on 1024 noises selected from 8192 screened ones (`select=1024`) against `solver_teacher(den, nfe=300)`; the exact
-flow map is only the evaluation reference.
+flow map is only the evaluation reference. Capacity runs: joint plans on 4096 uniform noises with no effective time
+limit where target 1 fails (`CAPACITY`), to separate the limits of the noises, the time and the linear rule class.
 Digits: the shipped class-conditional model; Fréchet distance and classifier accuracy of 500 samples, a plan at
-NFE 6 (5, 8) against anchors at NFE 6, 8, 10. Writes bench/results/calibrate.json, bench/figures/calibrate.png
-and the `bench/calibrate.py` block of BENCHMARKS.md.
+NFE 6 (8) against anchors at NFE 6, 8, 10, and a paired bootstrap of target 2's FD difference (`fd_bootstrap`).
+Writes bench/results/calibrate.json, bench/figures/calibrate.png and the `bench/calibrate.py` block of BENCHMARKS.md.
 
-    python bench/calibrate.py              # full run (about 35 min on 2 cores)
-    python bench/calibrate.py --quick      # smoke run: ring2d, NFE 5, n = 200, prints only (under a minute)
-    python bench/calibrate.py --render     # rebuild the report from bench/results/calibrate.json
+    python bench/calibrate.py                   # full run (about 32 min on 2 cores)
+    python bench/calibrate.py --quick           # smoke run: ring2d, NFE 5, n = 200, prints only (under a minute)
+    python bench/calibrate.py --render          # rebuild the report from bench/results/calibrate.json
+    python bench/calibrate.py --only-capacity   # rerun the capacity runs alone (about 5 min)
+    python bench/calibrate.py --fd-bootstrap    # recompute target 2's bootstrap for the saved JSON (about a minute)
 """
 
 from __future__ import annotations
