@@ -15,6 +15,7 @@ from diffkit.train.distributed import sample_sharded, shard_range
 
 SCRIPT = textwrap.dedent('''
     import json
+    import os
     import sys
 
     import torch
@@ -23,7 +24,7 @@ SCRIPT = textwrap.dedent('''
     from diffkit.data import toy
     from diffkit.models import MLP
     from diffkit.train import DiffusionLoss, TrainConfig, Trainer, sample_sharded
-    from diffkit.train.distributed import world
+    from diffkit.train.distributed import barrier, world
 
     torch.set_num_threads(1)
     torch.manual_seed(0)
@@ -40,8 +41,15 @@ SCRIPT = textwrap.dedent('''
     rank, size = world()
     if rank == 0:
         params = torch.cat([p.detach().flatten() for p in trainer.model.parameters()]).tolist()
-        json.dump({"world": size, "losses": losses, "params": params, "samples": samples.tolist()},
-                  open(sys.argv[1], "w"))
+        with open(sys.argv[1], "w") as f:
+            json.dump({"world": size, "losses": losses, "params": params, "samples": samples.tolist()}, f)
+    # every rank waits until rank 0 has written, then leaves without C++ teardown: on a loaded machine a gloo rank
+    # sometimes aborts in interpreter teardown ("terminate called without an active exception", after all its work
+    # is done, explicit destroy_process_group or not), and torchrun then kills the other ranks
+    barrier()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 ''')
 
 
