@@ -43,6 +43,7 @@ import solvers as S  # noqa: E402
 
 import diffkit  # noqa: E402
 from diffkit.checkpoint import atomic_write  # noqa: E402
+from diffkit.demo import save_figure  # noqa: E402
 from diffkit.testbeds import GaussianMixture  # noqa: E402
 
 F64 = torch.float64
@@ -996,11 +997,7 @@ def plot(data, path: Path):
     axes[0][0].set_ylabel("relative RMS error (held-out)")
     axes[0][0].legend(fontsize=7)
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.stem + ".tmp.png")
-    fig.savefig(tmp, dpi=100)
-    os.replace(tmp, path)
-    plt.close(fig)
+    save_figure(fig, path, dpi=100)
 
 
 def write_markdown(path: Path, section: str):

@@ -35,7 +35,6 @@ passes per trajectory (`guided.passes`: a batched cond + uncond call is one call
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import math
 import platform
@@ -57,7 +56,11 @@ import anchors as A  # noqa: E402
 import diffkit  # noqa: E402
 from diffkit.benchmark import write_block  # noqa: E402
 from diffkit.checkpoint import atomic_write  # noqa: E402
-from diffkit.demo import digits_model, tile_by_class  # noqa: E402
+from diffkit.demo import (  # noqa: E402
+    digits_model,
+    save_figure,  # noqa: E402
+    tile_by_class,
+)
 from diffkit.guidance import (  # noqa: E402
     CFG,
     PAG,
@@ -571,14 +574,6 @@ def _plt():
     return plt
 
 
-def _save(fig, path: Path):
-    plt = _plt()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110)
-    plt.close(fig)
-    atomic_write(path, buf.getvalue())
-
-
 def plot_sweep(rows, path: Path):
     plt = _plt()
     sweep = [r for r in rows if "sweep" in r["groups"]]
@@ -612,7 +607,7 @@ def plot_sweep(rows, path: Path):
     a_sat.legend(fontsize=7)
     fig.suptitle("Guidance on the digits model, DPM-Solver++(2M), NFE 10", fontsize=11)
     fig.tight_layout()
-    _save(fig, path)
+    save_figure(fig, path)
 
 
 def plot_ag(tb: dict, path: Path):
@@ -641,7 +636,7 @@ def plot_ag(tb: dict, path: Path):
         a.grid(alpha=0.3)
         a.legend(fontsize=7)
     fig.tight_layout()
-    _save(fig, path)
+    save_figure(fig, path)
 
 
 SOLVER_NAMES = {"dpmpp_2m": "DPM-Solver++(2M)", "unipc": "UniPC", "euler": "Euler (DDIM)", "heun": "Heun"}
@@ -671,7 +666,7 @@ def plot_samples(rows, path: Path):
         a.set_title(f"{name}{sc}\nacc {r['accuracy']:.0%} FD {r['fd']:.0f} sat {r['sat']:.1%}", fontsize=6.5)
     fig.suptitle("Samples (clipped to [-1, 1]), rows = classes 0..9, DPM-Solver++(2M) NFE 10", fontsize=9)
     fig.tight_layout()
-    _save(fig, path)
+    save_figure(fig, path)
 
 
 # ------------------------------------------------------------------------------------------------------------

@@ -44,6 +44,7 @@ import anchors as A  # noqa: E402
 
 import diffkit  # noqa: E402
 from diffkit.checkpoint import atomic_write  # noqa: E402
+from diffkit.demo import save_figure  # noqa: E402
 from diffkit.solvers import default_for, get_solver  # noqa: E402
 from diffkit.testbeds import GaussianMixture  # noqa: E402
 
@@ -646,9 +647,7 @@ def plot(records, summary, keys, budgets, path: Path):
     handles, labels = axes[0][0].get_legend_handles_labels()
     fig.legend(handles, labels, loc="lower center", ncol=6, fontsize=8, frameon=False)
     fig.tight_layout(rect=(0, 0.12, 1, 1))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path, dpi=120)
 
 
 def markdown(meta, records, summary, tg, over, cons, sus, keys, budgets, fig_rel, tg_med=None,

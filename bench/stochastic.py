@@ -49,6 +49,7 @@ import anchors as A  # noqa: E402
 
 import diffkit  # noqa: E402
 from diffkit import metrics  # noqa: E402
+from diffkit.demo import save_figure  # noqa: E402
 from diffkit.likelihood import likelihood  # noqa: E402
 from diffkit.solvers import get_solver  # noqa: E402
 from diffkit.testbeds import GaussianMixture  # noqa: E402
@@ -505,9 +506,7 @@ def plot(summary, keys, nfes, path: Path):
         ax.legend(fontsize=6)
         ax.grid(alpha=0.3, which="both")
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path, dpi=120)
 
 
 def markdown(meta, summary, sec, tg, lik, keys, nfes, fig_rel) -> str:

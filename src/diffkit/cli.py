@@ -177,6 +177,8 @@ def _labelled_grid(path: Path, x, labels, title: str) -> None:
     import matplotlib.pyplot as plt
     import torch
 
+    from .demo import save_figure
+
     if x.ndim == 2:
         fig, ax = plt.subplots(figsize=(4, 4))
         ax.scatter(x[:, 0], x[:, 1], s=2, c=None if labels is None else labels.numpy(), cmap="tab10")
@@ -202,8 +204,7 @@ def _labelled_grid(path: Path, x, labels, title: str) -> None:
             ax.set_ylabel("class")
     ax.set_title(title, fontsize=9)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 # ---- train

@@ -111,7 +111,7 @@ def _digits_grid(path: Path, samples: dict, labels, results: dict):
         ax.set_yticks([8 + 17 * c for c in range(10)], [str(c) for c in range(10)], fontsize=7)
     fig.suptitle("diffkit digits model: rows = class 0..9", fontsize=10)
     fig.tight_layout()
-    _save_fig(fig, path)
+    save_figure(fig, path)
 
 
 def tile_by_class(x, labels):
@@ -141,7 +141,7 @@ def _quality_plot(path: Path, results: dict):
         a.grid(alpha=0.3)
     a1.legend(fontsize=8)
     fig.tight_layout()
-    _save_fig(fig, path)
+    save_figure(fig, path)
 
 
 def _quality_table(path: Path, results: dict, n: int):
@@ -165,7 +165,8 @@ def _pyplot():
     return plt
 
 
-def _save_fig(fig, path: Path, dpi: int = 110):
+def save_figure(fig, path, dpi: int = 110) -> None:
+    """Write a matplotlib figure to `path` as PNG atomically (`atomic_write`) and close it."""
     plt = _pyplot()
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=dpi)
@@ -240,7 +241,7 @@ def _plot(path: Path, samples: dict, exact, results: dict):
         ax.set_xticks([])
         ax.set_yticks([])
     fig.tight_layout()
-    _save_fig(fig, path)
+    save_figure(fig, path)
 
 
 def build_parser(prog: str = "python -m diffkit.demo") -> argparse.ArgumentParser:
