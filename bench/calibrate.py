@@ -43,7 +43,7 @@ import solvers as S  # noqa: E402
 
 import diffkit  # noqa: E402
 from diffkit.checkpoint import atomic_write  # noqa: E402
-from diffkit.demo import save_figure  # noqa: E402
+from diffkit.demo import pyplot, save_figure  # noqa: E402
 from diffkit.testbeds import GaussianMixture  # noqa: E402
 
 F64 = torch.float64
@@ -967,10 +967,7 @@ def markdown_capacity(recs, capacity, n_cal: int) -> str:
 
 
 def plot(data, path: Path):
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     meta, recs = data["meta"], data["records"]
     keys = meta["keys"]

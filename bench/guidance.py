@@ -58,6 +58,7 @@ from diffkit.benchmark import write_block  # noqa: E402
 from diffkit.checkpoint import atomic_write  # noqa: E402
 from diffkit.demo import (  # noqa: E402
     digits_model,
+    pyplot,
     save_figure,  # noqa: E402
     tile_by_class,
 )
@@ -565,17 +566,8 @@ def target_b(rows: list[dict], feats: dict, labels: torch.Tensor) -> dict:
 # ------------------------------------------------------------------------------------------------------------
 
 
-def _plt():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
 def plot_sweep(rows, path: Path):
-    plt = _plt()
+    plt = pyplot()
     sweep = [r for r in rows if "sweep" in r["groups"]]
     fig, ax = plt.subplots(2, 2, figsize=(11, 8))
     (a_fd, a_acc), (a_sat, a_tr) = ax
@@ -611,7 +603,7 @@ def plot_sweep(rows, path: Path):
 
 
 def plot_ag(tb: dict, path: Path):
-    plt = _plt()
+    plt = pyplot()
     entries = tb["per_nfe"]
     fig, axes = plt.subplots(1, len(entries), figsize=(5.5 * len(entries), 4.2), squeeze=False)
     marks = {("ag", "x0"): ("o", "AG, D rule (γ̄)", "tab:orange"), ("ag", "eps"): ("D", "AG, ε̂ rule (γ̄)", "tab:purple"),
@@ -646,7 +638,7 @@ SAMPLE_PANELS = [("cond", None), ("cfg", 3), ("cfg", 10), ("cfg", 30), ("cfg_res
 
 
 def plot_samples(rows, path: Path):
-    plt = _plt()
+    plt = pyplot()
     found = [find(rows, variant=v, scale=s, solver="dpmpp_2m", nfe=10, seed=0, schedule=None) for v, s in SAMPLE_PANELS]
     panels = [r for r in found if r is not None and "thumbs" in r]
     if not panels:

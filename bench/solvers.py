@@ -44,7 +44,7 @@ import anchors as A  # noqa: E402
 
 import diffkit  # noqa: E402
 from diffkit.checkpoint import atomic_write  # noqa: E402
-from diffkit.demo import save_figure  # noqa: E402
+from diffkit.demo import pyplot, save_figure  # noqa: E402
 from diffkit.solvers import default_for, get_solver  # noqa: E402
 from diffkit.testbeds import GaussianMixture  # noqa: E402
 
@@ -605,10 +605,7 @@ def _cfgname(r):
 
 
 def plot(records, summary, keys, budgets, path: Path):
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     named = ["euler / karras / zero", "heun / karras / zero", "dpmpp_2m / logsnr / zero",
              "dpmpp_3m / logsnr / zero", "unipc / logsnr / zero", "deis / logsnr / zero"]

@@ -49,7 +49,7 @@ import anchors as A  # noqa: E402
 
 import diffkit  # noqa: E402
 from diffkit import metrics  # noqa: E402
-from diffkit.demo import save_figure  # noqa: E402
+from diffkit.demo import pyplot, save_figure  # noqa: E402
 from diffkit.likelihood import likelihood  # noqa: E402
 from diffkit.solvers import get_solver  # noqa: E402
 from diffkit.testbeds import GaussianMixture  # noqa: E402
@@ -465,10 +465,7 @@ def _cell(s, scale=1e4) -> str:
 
 
 def plot(summary, keys, nfes, path: Path):
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     fig, axes = plt.subplots(1, len(keys), figsize=(6 * len(keys), 4.6), squeeze=False)
     groups = [("diffkit stochastic", lambda v: v["library"] == "diffkit" and v["kind"] == "stochastic", "C0"),

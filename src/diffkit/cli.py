@@ -171,14 +171,11 @@ def _shape_from_model(mcfg: dict) -> list[int]:
 
 def _labelled_grid(path: Path, x, labels, title: str) -> None:
     """PNG of samples: images as a grid with one row per class (labelled), 2-D points as a scatter plot."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     import torch
 
-    from .demo import save_figure
+    from .demo import pyplot, save_figure
 
+    plt = pyplot()
     if x.ndim == 2:
         fig, ax = plt.subplots(figsize=(4, 4))
         ax.scatter(x[:, 0], x[:, 1], s=2, c=None if labels is None else labels.numpy(), cmap="tab10")

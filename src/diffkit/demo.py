@@ -94,7 +94,7 @@ def run_digits(out: Path, per_class: int = 5, seed: int = 0, model=None, solvers
 
 
 def _digits_grid(path: Path, samples: dict, labels, results: dict):
-    plt = _pyplot()
+    plt = pyplot()
     keys = list(samples)
     labs = list(dict.fromkeys(k[0] for k in keys))
     nfes = list(dict.fromkeys(k[1] for k in keys))
@@ -125,7 +125,7 @@ def tile_by_class(x, labels):
 
 
 def _quality_plot(path: Path, results: dict):
-    plt = _pyplot()
+    plt = pyplot()
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(9, 3.5))
     for lab in dict.fromkeys(k[0] for k in results):
         nfes = [b for (lb, b) in results if lb == lab]
@@ -156,7 +156,8 @@ def _quality_table(path: Path, results: dict, n: int):
     atomic_write(path, ("\n".join(lines) + "\n").encode())
 
 
-def _pyplot():
+def pyplot():
+    """matplotlib.pyplot on the non-interactive Agg backend (figures are only written to files)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -167,7 +168,7 @@ def _pyplot():
 
 def save_figure(fig, path, dpi: int = 110) -> None:
     """Write a matplotlib figure to `path` as PNG atomically (`atomic_write`) and close it."""
-    plt = _pyplot()
+    plt = pyplot()
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=dpi)
     plt.close(fig)
@@ -220,7 +221,7 @@ def _write_table(path: Path, results: dict, resolved: dict | None = None):
 
 
 def _plot(path: Path, samples: dict, exact, results: dict):
-    plt = _pyplot()
+    plt = pyplot()
 
     labels = list(dict.fromkeys(k[0] for k in samples))
     fig, axes = plt.subplots(len(labels), len(BUDGETS) + 1, figsize=(2.6 * (len(BUDGETS) + 1), 2.6 * len(labels)),
