@@ -12,7 +12,7 @@ from helpers import F64, single_threaded  # noqa: F401
 
 import diffkit
 from diffkit import EDM, VP, Flow, SolverPlan
-from diffkit.calibrate import PlanError, calibrate, methods, plan_error, solver_teacher
+from diffkit.calibrate import FOCUS_CENTERS, PlanError, calibrate, methods, plan_error, solver_teacher
 from diffkit.calibrate.plan import run_linear
 from diffkit.calibrate.probe import linear_solvers, plan_tensors
 from diffkit.testbeds import GaussianMixture
@@ -179,6 +179,9 @@ def test_default_start_is_the_best_candidate():
                          solver="deis", schedule="karras", end="sigma_min", validation=False)
     assert plan.metrics["start_error"] <= fit_only.metrics["start_error"] + 1e-12
     assert plan.solver == plan.metrics["start"]["solver"]
+    assert plan.metrics["start"]["candidate"] == min(cands, key=cands.get)
+    focused = [k for k in cands if "focus" in k]
+    assert len(focused) == len(FOCUS_CENTERS), cands  # the focused UniPC grids were tried
 
 
 def test_calibration_improves_held_out_error_on_a_mixture():

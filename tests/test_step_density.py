@@ -10,7 +10,7 @@ import torch
 
 import diffkit
 from diffkit.calibrate import step_density as SD
-from diffkit.schedules import DENSITY_KNOTS, density_levels, exponential, get_sigmas, tuned_table
+from diffkit.schedules import DENSITY_KNOTS, density_levels, exponential, focus_factor, get_sigmas, tuned_table
 
 
 def test_constant_density_is_uniform_in_log_snr():
@@ -115,3 +115,24 @@ def test_tuned_defaults_use_the_tuning_winners():
             used += 1
             assert (c.solver, c.end, c.options) == (w["solver"], w["end"], w["options"])
     assert used >= 2
+
+
+def test_focus_puts_more_levels_around_its_center():
+    """tuned × focus_factor: more levels within a factor 1.8 of σ̄_c than the plain tuned grid, gain 0 changes
+    nothing, and the ends stay where they were."""
+    plain = get_sigmas("tuned", 10, sigma_min=0.0292, sigma_max=14.6, end="sigma_min")
+    for center in (0.7, 1.0, 2.0):
+        focused = get_sigmas("tuned", 10, sigma_min=0.0292, sigma_max=14.6, end="sigma_min", focus=(center, 3.0))
+        near = [int(((g > center / 1.8) & (g < center * 1.8)).sum()) for g in (plain, focused)]
+        assert near[1] > near[0], (center, plain, focused)
+        assert float(focused[0]) == 14.6 and abs(float(focused[-1]) - 0.0292) < 1e-12
+    torch.testing.assert_close(get_sigmas("tuned", 10, sigma_min=0.0292, sigma_max=14.6, focus=(1.0, 0.0)),
+                               get_sigmas("tuned", 10, sigma_min=0.0292, sigma_max=14.6), rtol=1e-12, atol=0)
+    f = focus_factor(DENSITY_KNOTS, 1.0, 3.0)
+    assert f[DENSITY_KNOTS.index(0.0)] == 4.0 and min(f) >= 1.0
+
+
+@pytest.mark.parametrize("bad", [(0.0, 3.0), (-1.0, 3.0), (1.0, -1.0), (float("nan"), 1.0), (1.0, float("inf"))])
+def test_focus_rejects_bad_values(bad):
+    with pytest.raises(ValueError, match="focus"):
+        get_sigmas("tuned", 6, sigma_min=0.01, sigma_max=10.0, focus=bad)

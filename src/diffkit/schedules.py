@@ -37,7 +37,7 @@ Tensor = torch.Tensor
 ENDS = ("zero", "sigma_min", "replace")
 
 __all__ = ["get_sigmas", "schedules", "validate_sigmas", "karras", "exponential", "polyexponential",
-           "loglinear_interp", "ENDS", "sigma_range", "density_levels", "tuned", "DENSITY_KNOTS"]
+           "loglinear_interp", "ENDS", "sigma_range", "density_levels", "tuned", "DENSITY_KNOTS", "focus_factor"]
 
 
 # -- σ̄-space families: m levels spanning [sigma_min, sigma_max] ---------------------------------------------
@@ -89,17 +89,35 @@ def density_levels(m: int, sigma_min: float, sigma_max: float, log_density: Sequ
     return torch.from_numpy(levels)
 
 
-def tuned(m: int, sigma_min: float, sigma_max: float, log_density: Sequence[float] | None = None) -> Tensor:
+def tuned(m: int, sigma_min: float, sigma_max: float, log_density: Sequence[float] | None = None,
+          focus: Sequence[float] | None = None) -> Tensor:
     """diffkit's tuned schedule: `density_levels` with the step density fitted for the budget nearest to m
     levels (the table in assets/step_density, written by `python -m diffkit.calibrate.step_density`, which fits
     a density per budget for UniPC, iPNDM and DEIS to the exact flow maps of a family of Gaussian mixtures under
     four σ̄ ranges and keeps the best: an Align-Your-Steps-style list, as a density so that it fits every σ̄
-    range). `log_density` overrides the table (13 values at `DENSITY_KNOTS`)."""
+    range). `log_density` overrides the table (13 values at `DENSITY_KNOTS`). `focus` = (σ̄_c, gain) multiplies
+    the density by `focus_factor` at the knots (more steps around σ̄_c)."""
     if log_density is None:
         table = tuned_table()
         key = min(table["log_density"], key=lambda k: (abs(int(k) - m), int(k)))
         log_density = table["log_density"][key]
+    if focus is not None:
+        log_density = [ld + math.log(f) for ld, f in zip(log_density, focus_factor(DENSITY_KNOTS, *focus))]
     return density_levels(m, sigma_min, sigma_max, log_density)
+
+
+FOCUS_WIDTH = 0.6  # of the focus bump, in log σ̄ (about a factor 1.8 either side)
+
+
+def focus_factor(log_sigmas: Sequence[float], center: float, gain: float, width: float = FOCUS_WIDTH) -> list[float]:
+    """1 + gain · exp(-(s - log σ̄_c)² / (2 width²)) at each s = log σ̄: a step density multiplied by it puts
+    extra steps around σ̄_c. Where a sample's mixture mode is decided (σ̄ near the distance between modes: about
+    1 for data of unit scale), a few-step solver's error sends samples to another mode; a calibration can try
+    grids focused there (`diffkit.calibrate`'s starting candidates)."""
+    if not (center > 0 and math.isfinite(center)) or not (gain >= 0 and math.isfinite(gain)) or not width > 0:
+        raise ValueError(f"focus needs a positive center σ̄, a non-negative gain and a positive width; got "
+                         f"center={center!r}, gain={gain!r}, width={width!r}")
+    return [1 + gain * math.exp(-(s - math.log(center)) ** 2 / (2 * width * width)) for s in log_sigmas]
 
 
 @functools.lru_cache(maxsize=1)
@@ -165,7 +183,7 @@ _SIGMA_FAMILIES: dict[str, Callable] = {
     "polyexponential": polyexponential,
     "tuned": tuned,
 }
-_FAMILY_OPTIONS = {"karras": ("rho",), "polyexponential": ("rho",), "tuned": ("log_density",)}
+_FAMILY_OPTIONS = {"karras": ("rho",), "polyexponential": ("rho",), "tuned": ("log_density", "focus")}
 _TIME_SPANNING = ("linspace", "time_quadratic")
 _TIME_DIFFUSERS = ("trailing", "leading")
 _OTHER = ("loglinear", "list")
@@ -182,7 +200,7 @@ def get_sigmas(name: str, steps: int, *, process: Process | None = None, sigma_m
 
     σ̄ range: explicit `sigma_min`/`sigma_max`, else the process's. Extra options: `rho` (karras,
     polyexponential), `offset` (leading, diffusers' steps_offset), `sigmas` (loglinear, list), `log_density`
-    (tuned: a step density of its own).
+    (tuned: a step density of its own), `focus` (tuned: (σ̄_c, gain), more steps around σ̄_c).
     """
     if name not in schedules():
         raise ValueError(f"unknown schedule {name!r}; valid: {', '.join(schedules())}")
