@@ -946,23 +946,27 @@ def markdown_capacity(recs, capacity, n_cal: int) -> str:
          f"{capacity[0]['n_cal']} uniform noises ({capacity[0]['n_cal'] / n_cal:g}× the plans above) with a budget of "
          f"{capacity[0]['calibration_budget_s']:.0f} s (the optimiser stops at its evaluation cap first), to tell "
          "whether the noises, the time limit or the rule class limits the held-out error.", "",
-         "| mixture | NFE | noises | calibration error | held-out error | plan above (held-out) | best anchor | "
-         "0.33 × anchor (target 1) | mode switches (this plan / anchor) | optimiser s |",
-         "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+         "| mixture | NFE | noises | start (`metrics['start']`) | calibration error | held-out error | plan above "
+         "(held-out) | best anchor | 0.33 × anchor (target 1) | mode switches (this plan / anchor) | optimiser s |",
+         "|---|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|"]
     above = 0
     for r in sorted(capacity, key=lambda r: (r["testbed"], r["budget"])):
         key, nfe = r["testbed"], r["budget"]
         m = best(recs, key, nfe, ("plan",))
         a = best(recs, key, nfe, ("anchor",))
         above += bool(a) and r["metrics"]["error"] > 0.33 * own_err(a)
-        L.append(f"| {key} | {nfe} | {r['n_cal']} | {r['metrics']['error']:.2e} | {_e(r)} | {_e(m)} | {_e(a)} | "
+        start = r["metrics"]["start"]
+        L.append(f"| {key} | {nfe} | {r['n_cal']} | `{start.get('candidate', start['solver'])}` | "
+                 f"{r['metrics']['error']:.2e} | {_e(r)} | {_e(m)} | {_e(a)} | "
                  + (f"{0.33 * own_err(a):.2e}" if a else "—") + f" | {_switched(r)} / {_switched(a)} | "
                  f"{r['metrics']['seconds']:.0f} |")
     L += ["", f"In {above} of {len(capacity)} rows the refitted plan stays above 0.33 × the anchor's error even "
-          "on the noises it was fitted to (calibration error, against the teacher, above the target column): there "
-          "neither more noises nor more time reach target 1, and a richer rule than a linear one (per-sample or "
-          "nonlinear steps) would be needed. The optimiser is local (L-BFGS from the best starting solver), so this "
-          "is evidence, not a proof.", ""]
+          "on the noises it was fitted to (calibration error, against the teacher, above the target column): from "
+          "the start it is given, neither more noises nor more time reach target 1. The optimiser is local (L-BFGS "
+          "from the best starting candidate) and keeps roughly the allocation of calls to σ̄ ranges that it starts "
+          "from: the start decides much of the result (the focused UniPC grids among the candidates, README "
+          "\"Calibrated solver plans\"), so this does not show that no linear rule reaches the target; a search over "
+          "allocations of calls, or a per-sample rule, would be the next thing to try.", ""]
     return "\n".join(L)
 
 
