@@ -132,7 +132,8 @@ def test_focus_puts_more_levels_around_its_center():
     assert f[DENSITY_KNOTS.index(0.0)] == 4.0 and min(f) >= 1.0
 
 
-@pytest.mark.parametrize("bad", [(0.0, 3.0), (-1.0, 3.0), (1.0, -1.0), (float("nan"), 1.0), (1.0, float("inf"))])
+@pytest.mark.parametrize("bad", [(0.0, 3.0), (-1.0, 3.0), (1.0, -1.0), (float("nan"), 1.0), (1.0, float("inf")),
+                                 1.0, (1.0,), (1.0, 2.0, 3.0), "1,3"])
 def test_focus_rejects_bad_values(bad):
     with pytest.raises(ValueError, match="focus"):
         get_sigmas("tuned", 6, sigma_min=0.01, sigma_max=10.0, focus=bad)

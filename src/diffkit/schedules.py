@@ -102,6 +102,8 @@ def tuned(m: int, sigma_min: float, sigma_max: float, log_density: Sequence[floa
         key = min(table["log_density"], key=lambda k: (abs(int(k) - m), int(k)))
         log_density = table["log_density"][key]
     if focus is not None:
+        if isinstance(focus, (str, bytes)) or not hasattr(focus, "__len__") or len(focus) != 2:
+            raise ValueError(f"focus must be a pair (center σ̄, gain); got {focus!r}")
         log_density = [ld + math.log(f) for ld, f in zip(log_density, focus_factor(DENSITY_KNOTS, *focus))]
     return density_levels(m, sigma_min, sigma_max, log_density)
 
