@@ -122,7 +122,10 @@ def test_calibrate_then_sample_with_the_plan(tmp_path, capsys):
     plan = tmp_path / "plan.json"
     assert main(["calibrate", "--nfe", "4", "--method", "solver", "--noises", "8", "--heldout", "0",
                  "--teacher-nfe", "6", "--out", str(plan), "--no-progress"]) == 0
-    assert "wrote" in capsys.readouterr().out and plan.exists()
+    out = capsys.readouterr().out
+    assert "wrote" in out and plan.exists()
+    start = json.loads(plan.read_text())["metrics"]["start"]["candidate"]  # the chosen starting candidate, printed
+    assert f"({start} start)" in out
     assert main(["sample", "--plan", str(plan), "--class", "1", "--n", "2", "--out", str(tmp_path / "s"),
                  "--no-progress"]) == 0
     meta = json.loads((tmp_path / "s" / "sample.json").read_text())

@@ -259,7 +259,8 @@ def _cmd_calibrate(args) -> int:
     plan.metrics["model"] = str(args.model)
     plan.save(args.out)
     m = plan.metrics
-    print(f"{args.method} plan for nfe={args.nfe} ({plan.solver} start): relative error vs the teacher "
+    start = m["start"].get("candidate", plan.solver)
+    print(f"{args.method} plan for nfe={args.nfe} ({start} start): relative error vs the teacher "
           f"{m['start_error']:.4g} -> {m['error']:.4g} on {m['calibration_noises']} calibration noises"
           + (f", {m['heldout_start_error']:.4g} -> {m['heldout_error']:.4g} held out" if "heldout_error" in m else "")
           + f"; {m['seconds']:.1f} s (+{m['teacher_seconds']:.1f} s teacher)")
