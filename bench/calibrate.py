@@ -9,6 +9,8 @@ noises (bench/solvers.py's held-out set) and is scored by `rel_err` against the 
 on 1024 noises selected from 8192 screened ones (`select=1024`) against `solver_teacher(den, nfe=300)`; the exact
 flow map is only the evaluation reference. Capacity runs: joint plans on 4096 uniform noises with no effective time
 limit where target 1 fails (`CAPACITY`), to separate the limits of the noises, the time and the linear rule class.
+Zone runs (`ZONES`): one σ̄ zone at a time solved by a joint plan with k calls, the exact flow map elsewhere, to
+show which noise levels decide the mode switches that set the error where target 1 fails.
 Digits: the shipped class-conditional model; Fréchet distance and classifier accuracy of 500 samples, a plan at
 NFE 6 (8) against anchors at NFE 6, 8, 10, and a paired bootstrap of target 2's FD difference (`fd_bootstrap`).
 Writes bench/results/calibrate.json, bench/figures/calibrate.png and the `bench/calibrate.py` block of BENCHMARKS.md.
@@ -17,6 +19,7 @@ Writes bench/results/calibrate.json, bench/figures/calibrate.png and the `bench/
     python bench/calibrate.py --quick           # smoke run: ring2d, NFE 5, n = 200, prints only (under a minute)
     python bench/calibrate.py --render          # rebuild the report from bench/results/calibrate.json
     python bench/calibrate.py --only-capacity   # rerun the capacity runs alone (about 5 min)
+    python bench/calibrate.py --only-zones      # rerun the zone runs alone (about 5 min)
     python bench/calibrate.py --fd-bootstrap    # recompute target 2's bootstrap for the saved JSON (about a minute)
 """
 
@@ -69,6 +72,11 @@ ABLATION_NFES = (6, 10)  # joint plans on N_CAL uniform noises (no selection), f
 # how far linear plans go: joint plans on many uniform noises with no effective time limit, where target 1 fails
 CAPACITY = (("random16d", 10), ("random32d", 10))
 CAPACITY_N_CAL, CAPACITY_BUDGET = 4096, 900.0
+# where the mode switches are decided: each σ̄ zone alone (exact flow map elsewhere), solved by a joint plan with k calls
+ZONES = ("random16d", "random32d")
+ZONE_BOUNDS = (2.5, 0.6)  # inner boundaries: zones [σ̄_max, 2.5], [2.5, 0.6], [0.6, σ̄_min]
+ZONE_CALLS = (1, 2, 3, 4, 5, 6)
+ZONE_BUDGET = 60.0
 TEACHER_NFE = 300
 BUDGET = {"joint": 60.0}
 DEFAULT_BUDGET = 30.0
@@ -179,6 +187,37 @@ def _plan_task(task):
         rec.update(status="error", message=f"{type(e).__name__}: {e}"[:300],
                    traceback=traceback.format_exc(limit=4)[-1000:])
     rec["seconds"] = time.perf_counter() - t0
+    return [rec]
+
+
+def _zone_task(task):
+    """One σ̄ zone [s_lo, s_hi] of a mixture alone: the exact flow map carries the held-out noises to s_hi, a joint
+    plan with k calls (fitted on N_CAL uniform noises brought to s_hi the same way, against the exact flow map)
+    solves the zone, and the flow map carries its output on to σ̄_min; error and mode switches there."""
+    key, zone, k = task
+    torch.set_num_threads(1)
+    b = S.bed(key, True)
+    bounds = (b.s_max, *ZONE_BOUNDS, b.s_min)
+    s_hi, s_lo = bounds[zone], bounds[zone + 1]
+    rec = {"kind": "zone", "testbed": key, "zone": zone, "s_hi": s_hi, "s_lo": s_lo, "budget": k,
+           "config": f"zone {zone}", "calibration_budget_s": ZONE_BUDGET, "status": "ok"}
+    t0 = time.perf_counter()
+    mix = b.mixture
+    cal = b.process.noise_to_canonical(cal_noise(key, G["n_cal"]), b.s_max)
+    x_hi, c_hi = ((mix.flow_map(x, b.s_max, s_hi) if zone else x) for x in (b.x_bar0, cal))
+    den = mix.denoiser(diffkit.EDM(sigma_min=s_lo, sigma_max=s_hi), "eps")  # the zone as a process of its own
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        plan = diffkit.calibrate(den, k, noises=c_hi / s_hi, heldout=0, teacher=mix.flow_map, method="joint",
+                                 budget=ZONE_BUDGET, neighbours=False, end="sigma_min")
+    with torch.no_grad():
+        x = plan.run(den, x_hi)
+    if s_lo > b.s_min:
+        x = mix.flow_map(x, s_lo, b.s_min)
+    ref = S.ref_at(key, True, b.s_min)
+    rec.update(nfe=plan.nfe, err=S.rel_err(x, ref), calibration_error=plan.metrics["error"],
+               switched=int((S.modes_of(mix, x) != S.modes_of(mix, ref)).sum()),
+               start=plan.metrics["start"].get("candidate"), seconds=time.perf_counter() - t0)
     return [rec]
 
 
@@ -388,6 +427,8 @@ def _task(task):
             return _fixed_task(task[1:])
         if kind == "digits":
             return _digits_task(task[1:])
+        if kind == "zone":
+            return _zone_task(task[1:])
         raise ValueError(kind)
     except Exception as e:  # noqa: BLE001
         return [{"kind": "crash", "task": repr(task), "status": "error", "message": f"{type(e).__name__}: {e}",
@@ -410,6 +451,8 @@ def build_tasks(args) -> list[tuple]:
             tasks.append(("plan", key, nfe, "joint", BUDGET["joint"] * args.budget_scale, True))
     for key, nfe in args.capacity:
         tasks.insert(0, ("plan", key, nfe, "joint", CAPACITY_BUDGET, False, CAPACITY_N_CAL))
+    tasks += [("zone", key, zone, k) for key in args.zones for zone in range(len(ZONE_BOUNDS) + 1)
+              for k in ZONE_CALLS]
     for key in keys:
         for nfe in args.ablation_nfes:
             tasks.append(("plan", key, nfe, "joint", BUDGET["joint"] * args.budget_scale, False))
@@ -444,6 +487,8 @@ def main(argv=None):
     ap.add_argument("--only-capacity", action="store_true", help="rerun only the capacity runs (joint plans on "
                     f"{CAPACITY_N_CAL} uniform noises, budget {CAPACITY_BUDGET:.0f} s; about 6 min) and replace their "
                     "records in the saved JSON")
+    ap.add_argument("--only-zones", action="store_true", help="rerun only the zone runs (one σ̄ zone at a time, "
+                    "about 5 min) and replace their records in the saved JSON")
     ap.add_argument("--render", action="store_true", help="rebuild the report from the saved JSON")
     ap.add_argument("--fd-bootstrap", action="store_true", help="(re)compute the digits FD bootstrap of target 2 "
                     "for the saved JSON, store it there and rebuild the report (about a minute)")
@@ -459,15 +504,18 @@ def main(argv=None):
         report(data, fig_path, md_path)
         return 0
     args.keys, args.nfes, args.method_keys, args.method_nfes = KEYS, NFES, METHOD_KEYS, (6,)
-    args.budget_scale, args.ablation_nfes, args.capacity = 1.0, ABLATION_NFES, CAPACITY
+    args.budget_scale, args.ablation_nfes, args.capacity, args.zones = 1.0, ABLATION_NFES, CAPACITY, ZONES
     G.update(n_cal=N_CAL, n_pool=N_POOL, teacher_nfe=TEACHER_NFE, digits_n=DIGITS_N, digits_cal=DIGITS_CAL)
     if args.only_digits:
         args.keys, args.method_keys, args.ablation_nfes, args.digits, args.capacity = (), (), (), True, ()
-    if args.only_capacity:
+    if args.only_capacity or args.only_zones:
         args.keys, args.method_keys, args.ablation_nfes, args.digits = (), (), (), False
+        args.capacity, args.zones = (args.capacity, ()) if args.only_capacity else ((), args.zones)
+    if args.only_digits:
+        args.zones = ()
     if args.quick:
         args.n, args.keys, args.nfes, args.method_keys, args.digits = 200, ("ring2d",), (5,), ("ring2d",), False
-        args.method_nfes, args.budget_scale, args.ablation_nfes, args.capacity = (5,), 0.2, (), ()
+        args.method_nfes, args.budget_scale, args.ablation_nfes, args.capacity, args.zones = (5,), 0.2, (), (), ()
         G.update(n_cal=256, n_pool=1024)
     S.G.update(n=args.n, quick=False, diffkit=fixed_configs())
     torch.set_num_threads(1)
@@ -475,7 +523,7 @@ def main(argv=None):
     print(f"load average at start: {load0}", flush=True)
 
     # exact references (parent, before the pool forks: the workers inherit them)
-    ref_keys = list(dict.fromkeys(list(args.keys) + [k for k, _ in args.capacity]))
+    ref_keys = list(dict.fromkeys(list(args.keys) + [k for k, _ in args.capacity] + list(args.zones)))
     ref_tasks = [(k, True, s) for k in ref_keys for s in (0.0, S.bed(k, True).s_min)]
     pool = S._pool(args.jobs)
     for k, ref, secs in S._imap(pool, _ref, ref_tasks):
@@ -502,7 +550,11 @@ def main(argv=None):
         done += 1
         records.extend(recs)
         for r in recs:
-            if r["kind"] in ("plan", "capacity", "digits") and "method" in r or r["status"] == "error":
+            if r["kind"] == "zone" and r["status"] == "ok":
+                print(f"  [{done}/{len(tasks)} {time.time() - t_start:.0f}s] {r['testbed']} zone [{r['s_lo']:.3g}, "
+                      f"{r['s_hi']:.3g}] k={r['budget']}: err {r['err']:.3g}, {r['switched']} switched "
+                      f"({r['seconds']:.0f} s)", flush=True)
+            elif r["kind"] in ("plan", "capacity", "digits") and "method" in r or r["status"] == "error":
                 extra = (f"err {own_err(r):.3g}" if r["kind"] in ("plan", "capacity") and r["status"] == "ok" else
                          f"fd {r.get('fd', float('nan')):.3g}" if r["status"] == "ok" else r.get("message", ""))
                 print(f"  [{done}/{len(tasks)} {time.time() - t_start:.0f}s] {r.get('testbed', 'digits')} "
@@ -522,7 +574,8 @@ def main(argv=None):
             "keys": list(args.keys), "nfes": list(args.nfes), "method_keys": list(args.method_keys),
             "method_nfes": list(args.method_nfes), "titles": {k: S.TESTBEDS[k][0] for k in args.keys},
             "capacity": [list(c) for c in args.capacity], "capacity_n_cal": CAPACITY_N_CAL,
-            "capacity_budget_s": CAPACITY_BUDGET, "digits": args.digits, "digits_n": DIGITS_N,
+            "capacity_budget_s": CAPACITY_BUDGET, "zones": list(args.zones), "zone_bounds": list(ZONE_BOUNDS),
+            "zone_calls": list(ZONE_CALLS), "digits": args.digits, "digits_n": DIGITS_N,
             "digits_cal": DIGITS_CAL, "digits_pool": DIGITS_POOL,
             "digits_teacher_nfe": DIGITS_TEACHER_NFE, "budgets": {"joint": BUDGET["joint"] * args.budget_scale,
                                                                  "others": DEFAULT_BUDGET * args.budget_scale}}
@@ -530,7 +583,7 @@ def main(argv=None):
         r.pop("traceback", None) if r["status"] != "error" else None
     data = {"meta": meta, "records": records}
     print(f"wall {wall:.0f} s", flush=True)
-    for part, only in (("digits", args.only_digits), ("capacity", args.only_capacity)):
+    for part, only in (("digits", args.only_digits), ("capacity", args.only_capacity), ("zone", args.only_zones)):
         if only:
             data = merge_part(json.loads(json_path.read_text()), part, records, meta["revision"], wall)
     if args.quick:
@@ -544,7 +597,8 @@ def main(argv=None):
 
 def merge_part(old: dict, kind: str, records: list, revision, wall: float) -> dict:
     """A saved run with its records of `kind` replaced by a rerun of that part alone (`--only-digits`,
-    `--only-capacity`); the other records and results are kept, and the meta notes the part's revision and time."""
+    `--only-capacity`, `--only-zones`); the other records and results are kept, and the meta notes the part's
+    revision and time."""
     old["meta"].update({f"{kind}_revision": revision, f"{kind}_wall_s": wall})
     old["records"] = [r for r in old["records"] if r["kind"] != kind] + records
     return old
@@ -671,8 +725,8 @@ def markdown(data, fig_rel) -> str:
     w("Reproduce: `.venv/bin/python bench/calibrate.py` "
       "(`--quick`: ring2d, NFE 5, under a minute, prints only; `--jobs N` worker processes, default 2; `--render` "
       "rebuilds this block from `bench/results/calibrate.json`; `--only-digits` reruns the digits section alone, "
-      "`--only-capacity` the capacity runs; `--fd-bootstrap` recomputes the resolution of target 2 for the saved "
-      "JSON).  ")
+      "`--only-capacity` the capacity runs, `--only-zones` the zone runs; `--fd-bootstrap` recomputes the "
+      "resolution of target 2 for the saved JSON).  ")
     m = meta["machine"]
     rev, dirty = meta["revision"]
     w(f"Run: {m['cpu']}, {m['cores']} cores shared with other jobs, {meta['jobs']} worker processes, one thread "
@@ -683,7 +737,9 @@ def markdown(data, fig_rel) -> str:
       + (f" The digits section was rerun alone (`--only-digits`, {meta['digits_wall_s'] / 60:.1f} min) with the "
          f"library (src/) at commit {meta['digits_revision'][0]}." if "digits_revision" in meta else "")
       + (f" The capacity runs were rerun alone (`--only-capacity`, {meta['capacity_wall_s'] / 60:.1f} min) with the "
-         f"library (src/) at commit {meta['capacity_revision'][0]}." if "capacity_revision" in meta else ""))
+         f"library (src/) at commit {meta['capacity_revision'][0]}." if "capacity_revision" in meta else "")
+      + (f" The zone runs were run alone (`--only-zones`, {meta['zone_wall_s'] / 60:.1f} min) with the library "
+         f"(src/) at commit {meta['zone_revision'][0]}." if "zone_revision" in meta else ""))
     w("")
     w("Set-up: every contender starts from the same held-out noises (bench/solvers.py's held-out set, "
       f"N = {meta['n']} per mixture) and calls the exact mixture network; error = RMS distance to the exact flow "
@@ -798,6 +854,9 @@ def markdown(data, fig_rel) -> str:
     capacity = [r for r in recs if r["kind"] == "capacity" and _ok(r)]
     if capacity:
         w(markdown_capacity(recs, capacity, meta["n_cal"]))
+    zones = [r for r in recs if r["kind"] == "zone" and _ok(r)]
+    if zones:
+        w(markdown_zones(recs, zones, meta["n_cal"]))
     # methods
     mkeys = meta["method_keys"]
     for nfe in meta["method_nfes"]:
@@ -967,6 +1026,50 @@ def markdown_capacity(recs, capacity, n_cal: int) -> str:
           "from: the start decides much of the result (the focused UniPC grids among the candidates, README "
           "\"Calibrated solver plans\"), so this does not show that no linear rule reaches the target; a search over "
           "allocations of calls, or a per-sample rule, would be the next thing to try.", ""]
+    return "\n".join(L)
+
+
+def markdown_zones(recs, zones, n_cal: int) -> str:
+    """The zone table: held-out error and mode switches when only one σ̄ zone is solved (by a k-call joint plan) and
+    the exact flow map does the rest; per zone the fewest calls that leave no sample in another mode and the fewest
+    that keep the error within target 1 at its largest budget, and their sum against that budget."""
+    calls, top = sorted({r["budget"] for r in zones}), max(TARGET_NFES)
+    L = ["### Where the mode switches are decided (one σ̄ zone at a time)", "",
+         "Where target 1 fails, the error is set by the few held-out samples that a plan sends to another mode. To "
+         "see which noise levels decide that, the path is cut into three σ̄ zones; for each, the exact flow map "
+         "carries the held-out noises to the top of the zone and on from its bottom, and only the zone itself is "
+         f"solved, by a joint plan with k calls (fitted on {n_cal} uniform noises brought to the zone's top the same "
+         f"way, against the exact flow map, budget {zones[0]['calibration_budget_s']:.0f} s). Cells: relative "
+         "error at σ̄_min (mode switches of the 1000 held-out samples). Target: 0.33 × the best anchor's error at "
+         f"NFE {top}, which a whole plan of {top} calls must meet (target 1).", "",
+         "| mixture | zone (σ̄) | " + " | ".join(f"k = {k}" for k in calls)
+         + " | fewest calls with no switch | fewest calls within the target |",
+         "|---|---|" + "---:|" * len(calls) + "---:|---:|"]
+    sums = {}
+    for key in dict.fromkeys(r["testbed"] for r in zones):
+        a = best(recs, key, top, ("anchor",))
+        target = 0.33 * own_err(a) if a else None
+        for zone in sorted({r["zone"] for r in zones if r["testbed"] == key}):
+            row = {r["budget"]: r for r in zones if r["testbed"] == key and r["zone"] == zone}
+            any_row = next(iter(row.values()))
+            fewest = [min((k for k in calls if k in row and ok(row[k])), default=None)
+                      for ok in (lambda r: r["switched"] == 0, lambda r: target is not None and r["err"] <= target)]
+            sums.setdefault(key, [target, 0, False])
+            sums[key][1] += fewest[1] if fewest[1] is not None else max(calls) + 1
+            sums[key][2] |= fewest[1] is None
+            L.append(f"| {key} | [{any_row['s_lo']:.3g}, {any_row['s_hi']:.3g}] | "
+                     + " | ".join(f"{row[k]['err']:.2e} ({row[k]['switched']})" if k in row else "—" for k in calls)
+                     + " | " + " | ".join(str(f) if f is not None else f"> {max(calls)}" for f in fewest) + " |")
+    L.append("")
+    for key, (target, total, more) in sums.items():
+        if target is None:
+            continue
+        L.append(f"- {key} (target {target:.2e}): each zone within the target on its own, from exact states at its "
+                 f"top, takes {'at least ' if more else ''}{total} calls together"
+                 + (f", more than the {top} a plan has." if total > top else f", within the {top} a plan has."))
+    L += ["", "A plan over the whole path pays for all three zones from one budget and carries each zone's error into "
+          "the next, which these runs do not; it can also share calls across the zone boundaries, so the counts are "
+          "an estimate of what the target asks of a linear plan, not a bound.", ""]
     return "\n".join(L)
 
 
