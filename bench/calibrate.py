@@ -15,7 +15,7 @@ Digits: the shipped class-conditional model; Fréchet distance and classifier ac
 NFE 6 (8) against anchors at NFE 6, 8, 10, and a paired bootstrap of target 2's FD difference (`fd_bootstrap`).
 Writes bench/results/calibrate.json, bench/figures/calibrate.png and the `bench/calibrate.py` block of BENCHMARKS.md.
 
-    python bench/calibrate.py                   # full run (about 32 min on 2 cores)
+    python bench/calibrate.py                   # full run (about 30 min on 2 cores)
     python bench/calibrate.py --quick           # smoke run: ring2d, NFE 5, n = 200, prints only (under a minute)
     python bench/calibrate.py --render          # rebuild the report from bench/results/calibrate.json
     python bench/calibrate.py --only-capacity   # rerun the capacity runs alone (about 5 min)
