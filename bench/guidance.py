@@ -59,7 +59,7 @@ from diffkit.checkpoint import atomic_write  # noqa: E402
 from diffkit.demo import (  # noqa: E402
     digits_model,
     pyplot,
-    save_figure,  # noqa: E402
+    save_figure,
     tile_by_class,
 )
 from diffkit.guidance import (  # noqa: E402
