@@ -58,3 +58,29 @@ def test_digits_report_keys():
     rep = im.digits_report(x[:100], y[:100])
     assert set(rep) == {"n", "fd", "accuracy", "precision", "recall"}
     assert rep["precision"] > 0.8 and rep["recall"] > 0.8
+
+
+@pytest.mark.parametrize("module, flag", [("diffkit.classifier", "--epochs"),
+                                          ("diffkit.guidance.noisy_classifier", "--steps")])
+def test_asset_training_command_line(module, flag, tmp_path, monkeypatch, capsys):
+    """Both asset training scripts parse --out, their length flag, --seed and --threads, train with them and write
+    the record (training itself replaced by a stub here)."""
+    import importlib
+
+    mod = importlib.import_module(module)
+    calls = {}
+
+    def train(length, seed, progress):
+        calls["train"] = (length, seed)
+        return "model", {"length": length, "seed": seed}
+
+    def save(out, model, record):
+        calls["save"] = (out, model, record)
+
+    name = "classifier" if module == "diffkit.classifier" else "noisy_classifier"
+    monkeypatch.setattr(mod, f"train_{name}", train)
+    monkeypatch.setattr(mod, f"save_{name}", save)
+    monkeypatch.setattr(torch, "set_num_threads", lambda n: calls.setdefault("threads", n))
+    assert mod.main(["--out", str(tmp_path), flag, "7", "--seed", "3", "--threads", "2"]) == 0
+    assert calls == {"threads": 2, "train": (7, 3), "save": (str(tmp_path), "model", {"length": 7, "seed": 3})}
+    assert json.loads(capsys.readouterr().out) == {"length": 7, "seed": 3}

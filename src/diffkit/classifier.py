@@ -162,19 +162,29 @@ def load_classifier(folder=None) -> DigitsClassifier:
     return load_frozen(folder or ASSET, DigitsClassifier, "digits classifier")
 
 
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m diffkit.classifier", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", default=str(ASSET), help="output folder (default: the shipped asset folder)")
-    p.add_argument("--epochs", type=int, default=40, help="training epochs (default: %(default)s)")
+def asset_main(argv, *, prog: str, doc: str, out: Path, length: tuple[str, int, str], train, save,
+               threads_help: str = "torch threads (default: %(default)s)") -> int:
+    """The command line of a shipped asset's training script: --out, the training length (`length` = (flag,
+    default, what it counts)), --seed and --threads; trains with `train(length, seed, progress=...)`, writes with
+    `save(out, model, record)` and prints the record as JSON."""
+    flag, default, what = length
+    p = argparse.ArgumentParser(prog=prog, description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", default=str(out), help="output folder (default: the shipped asset folder)")
+    p.add_argument(f"--{flag}", dest="length", metavar=flag.upper(), type=int, default=default,
+                   help=f"{what} (default: %(default)s)")
     p.add_argument("--seed", type=int, default=0, help="seed (default: %(default)s)")
-    p.add_argument("--threads", type=int, default=1, help="torch threads (default: %(default)s)")
+    p.add_argument("--threads", type=int, default=1, help=threads_help)
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
-    model, record = train_classifier(args.epochs, args.seed, progress=sys.stderr.isatty())
-    save_classifier(args.out, model, record)
+    model, record = train(args.length, args.seed, progress=sys.stderr.isatty())
+    save(args.out, model, record)
     print(json.dumps(record))
     return 0
+
+
+def main(argv=None) -> int:
+    return asset_main(argv, prog="python -m diffkit.classifier", doc=__doc__, out=ASSET,
+                      length=("epochs", 40, "training epochs"), train=train_classifier, save=save_classifier)
 
 
 if __name__ == "__main__":

@@ -21,8 +21,6 @@ samples, 8 dpmpp_2m steps; w = 8 overshoots to 67 %).
 
 from __future__ import annotations
 
-import argparse
-import json
 import math
 import sys
 import time
@@ -164,19 +162,13 @@ def load_noisy_classifier(folder=None) -> NoisyDigitsClassifier:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m diffkit.guidance.noisy_classifier", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", default=str(ASSET), help="output folder (default: the shipped asset folder)")
-    p.add_argument("--steps", type=int, default=3000, help="training steps (default: %(default)s)")
-    p.add_argument("--seed", type=int, default=0, help="seed (default: %(default)s)")
-    p.add_argument("--threads", type=int, default=1,
-                   help="torch threads (default: %(default)s; on a busy 2-core machine 2 threads ran 2-10x slower)")
-    args = p.parse_args(argv)
-    torch.set_num_threads(args.threads)
-    model, record = train_noisy_classifier(args.steps, args.seed, progress=sys.stderr.isatty())
-    save_noisy_classifier(args.out, model, record)
-    print(json.dumps(record))
-    return 0
+    from ..classifier import asset_main
+
+    return asset_main(argv, prog="python -m diffkit.guidance.noisy_classifier", doc=__doc__, out=ASSET,
+                      length=("steps", 3000, "training steps"), train=train_noisy_classifier,
+                      save=save_noisy_classifier,
+                      threads_help="torch threads (default: %(default)s; on a busy 2-core machine 2 threads ran "
+                                   "2-10x slower)")
 
 
 if __name__ == "__main__":
