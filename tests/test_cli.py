@@ -49,6 +49,24 @@ def test_sample_writes_a_labelled_grid_and_tensors(tmp_path, capsys):
     assert str(tmp_path / "grid.png") in capsys.readouterr().out
 
 
+def test_sample_takes_schedule_options(tmp_path):
+    """--schedule-option reaches the schedule: the grid is get_sigmas' with that option, and the meta records it."""
+    from diffkit.checkpoint import load_model
+    from diffkit.processes import process_from_config
+    from diffkit.schedules import get_sigmas
+
+    assert main(["sample", "--n", "1", "--class", "0", "--nfe", "6", "--solver", "dpmpp_2m", "--schedule", "karras",
+                 "--schedule-option", "rho=3", "--out", str(tmp_path), "--no-progress"]) == 0
+    meta = json.loads((tmp_path / "sample.json").read_text())
+    process = process_from_config(load_model(SHIPPED)[1]["process"])
+    assert np.allclose(meta["sigmas"], get_sigmas("karras", 6, process=process, rho=3.0).tolist())
+    assert not np.allclose(meta["sigmas"], get_sigmas("karras", 6, process=process).tolist())  # rho 7 differs
+    assert meta["schedule_options"] == {"rho": 3.0}
+    assert main(["sample", "--n", "1", "--class", "0", "--nfe", "6", "--solver", "unipc", "--schedule", "tuned",
+                 "--schedule-option", "focus=1,3", "--out", str(tmp_path), "--no-progress"]) == 0
+    assert json.loads((tmp_path / "sample.json").read_text())["schedule_options"] == {"focus": [1.0, 3.0]}
+
+
 @pytest.mark.parametrize("argv, match", [
     (["sample", "--model", "/no/such/model"], "does not exist"),
     (["sample", "--solver", "nosuch"], "unknown solver 'nosuch'"),
@@ -57,6 +75,11 @@ def test_sample_writes_a_labelled_grid_and_tensors(tmp_path, capsys):
     (["sample", "--class", "10"], "out of range"),
     (["sample", "--class", "-1"], "out of range"),
     (["sample", "--schedule", "nosuch"], "nosuch"),
+    (["sample", "--schedule-option", "rho"], "KEY=NUMBER"),
+    (["sample", "--schedule-option", "rho=seven"], "KEY=NUMBER"),
+    (["sample", "--schedule", "karras", "--schedule-option", "focus=1,3"], "unexpected options: focus"),
+    (["sample", "--schedule", "tuned", "--schedule-option", "focus=0,3"], "focus"),
+    (["sample", "--plan", "plan.json", "--schedule-option", "rho=3"], "--plan fixes"),
     (["sample", "--device", "nosuchdevice"], "unknown device"),
     (["info", "/no/such/checkpoint"], "does not exist"),
     (["bench", "--solvers", "nosuch", "--write", ""], "unknown solver"),

@@ -54,6 +54,19 @@ def _cmd_demo(args) -> int:
 
 
 # ---- sample
+def _schedule_option(text: str) -> tuple[str, float | tuple[float, ...]]:
+    """KEY=VALUE with a number or comma-separated numbers: rho=5, focus=1.0,3.0."""
+    key, eq, value = text.partition("=")
+    try:
+        if not (eq and key.isidentifier()):
+            raise ValueError
+        nums = tuple(float(v) for v in value.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected KEY=NUMBER or KEY=NUMBER,NUMBER (e.g. rho=5, focus=1,3); "
+                                         f"got {text!r}") from None
+    return key, nums[0] if len(nums) == 1 else nums
+
+
 def _positive(text: str) -> int:
     try:
         v = int(text)
@@ -101,9 +114,11 @@ def _cmd_sample(args) -> int:
     from .solvers import get_solver, plan, sample
 
     solver_plan = None
+    schedule_options = dict(args.schedule_options)
     if args.plan is not None:
-        if args.solver is not None or args.schedule is not None:
-            raise ValueError("--plan fixes the solver and schedule; do not also give --solver or --schedule")
+        if args.solver is not None or args.schedule is not None or schedule_options:
+            raise ValueError("--plan fixes the solver and schedule; do not also give --solver, --schedule or "
+                             "--schedule-option")
         solver_plan = SolverPlan.load(args.plan)  # malformed files fail before loading the model
         if args.nfe is not None and args.nfe != solver_plan.nfe:
             raise ValueError(f"{args.plan} is a plan for --nfe {solver_plan.nfe}; got --nfe {args.nfe}")
@@ -113,7 +128,8 @@ def _cmd_sample(args) -> int:
         get_solver(args.solver)  # unknown solver: fail before loading anything
     den, cfg, shape, num_classes = _load_model_denoiser(args)
     if solver_plan is None:
-        plan(args.solver, process=den.process, nfe=args.nfe, schedule=args.schedule)  # budget / schedule errors early
+        plan(args.solver, process=den.process, nfe=args.nfe, schedule=args.schedule,
+             schedule_options=schedule_options)  # budget / schedule errors early
     classes = _classes(args.classes, num_classes)
     labels = None
     if classes is not None:
@@ -125,8 +141,8 @@ def _cmd_sample(args) -> int:
     noise = randn((n, *shape), seeds=seeds).to(args.device)
     torch.manual_seed(args.seed)
     with torch.no_grad():
-        kw = dict(plan=solver_plan) if solver_plan is not None else dict(solver=args.solver, nfe=args.nfe,
-                                                                                      schedule=args.schedule)
+        kw = dict(plan=solver_plan) if solver_plan is not None else dict(
+            solver=args.solver, nfe=args.nfe, schedule=args.schedule, schedule_options=schedule_options)
         x, info = sample(den, noise, return_info=True, cond={} if labels is None else {"label": labels.to(args.device)},
                          seeds=seeds, progress=not args.no_progress, **kw)
     x = x.float().cpu()
@@ -141,7 +157,7 @@ def _cmd_sample(args) -> int:
     title = f"{info['solver']}, {info['nfe']} model calls, seed {args.seed}"
     _labelled_grid(out / "grid.png", x, labels, title)
     meta = {"model": str(args.model), "solver": info["solver"], "nfe": info["nfe"], "schedule": args.schedule,
-            "plan": args.plan,
+            "schedule_options": schedule_options, "plan": args.plan,
             "seed": args.seed, "n": n, "classes": classes, "sigmas": [float(s) for s in info["sigmas"]]}
     (out / "sample.json").write_text(json.dumps(meta, indent=1))
     print(f"{n} samples ({title})")
@@ -323,11 +339,15 @@ def build_parser() -> argparse.ArgumentParser:
              "  diffkit sample                                  # shipped digits model, 8 per class\n"
              "  diffkit sample --class 3,5 --n 16 --solver heun --nfe 18\n"
              "  diffkit sample --model runs/digits/model --schedule karras --seed 2\n"
+             "  diffkit sample --solver unipc --nfe 8 --schedule tuned --schedule-option focus=1,3\n"
              "  diffkit sample --plan plan.json                  # a plan from diffkit calibrate\n")
     p.add_argument("--model", default=str(SHIPPED), help="exported model folder or training checkpoint")
     p.add_argument("--solver", default=None, help="solver name (diffkit solvers); default: the budget's default")
     p.add_argument("--nfe", type=_positive, default=None, help="budget of model calls (default: 20, or the plan's)")
     p.add_argument("--schedule", default=None, help="step schedule (diffkit schedules); default: the solver's")
+    p.add_argument("--schedule-option", dest="schedule_options", type=_schedule_option, action="append",
+                   default=[], metavar="KEY=VALUE", help="option of the schedule, repeatable: rho=5 (karras, "
+                   "polyexponential), focus=1,3 (tuned: more steps around σ̄ = 1, gain 3)")
     p.add_argument("--plan", default=None, help="solver plan JSON from `diffkit calibrate` (replaces solver and "
                    "schedule)")
     p.add_argument("--seed", type=int, default=0, help="noise seed (sample i uses seed*1000003+i)")
