@@ -184,6 +184,22 @@ def test_default_start_is_the_best_candidate():
     assert len(focused) == len(FOCUS_CENTERS), cands  # the focused UniPC grids were tried
 
 
+def test_schedule_options_reach_the_starting_grid():
+    """calibrate(schedule_options=...) starts from that grid (method 'solver' keeps the start as the plan); schedule
+    options alone also turn off the search over starting candidates."""
+    from diffkit.schedules import get_sigmas
+
+    den = MIX.denoiser(EDM(), "eps")
+    plan = calibrate(den, 6, noises=noise(32, 2, 1), heldout=0, teacher=MIX.flow_map, method="solver", solver="unipc",
+                     schedule="tuned", schedule_options={"focus": (1.0, 3.0)}, end="sigma_min")
+    grid = get_sigmas("tuned", 6, process=EDM(), end="sigma_min", focus=(1.0, 3.0))
+    assert plan.sigmas == pytest.approx(grid[:-1].tolist(), rel=1e-12) and plan.sigma_end == pytest.approx(grid[-1])
+    assert "start_candidates" not in plan.metrics
+    with pytest.raises(TypeError, match="unexpected options"):
+        calibrate(den, 6, noises=noise(8, 2, 1), heldout=0, teacher=MIX.flow_map, method="solver", solver="unipc",
+                  schedule="karras", schedule_options={"focus": (1.0, 3.0)})
+
+
 def test_calibration_improves_held_out_error_on_a_mixture():
     den = MIX.denoiser(EDM(), "eps")
     plan = calibrate(den, 5, noises=noise(256, 2, 1), heldout=noise(256, 2, 2), teacher=MIX.flow_map,

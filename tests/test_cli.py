@@ -155,6 +155,21 @@ def test_calibrate_then_sample_with_the_plan(tmp_path, capsys):
     assert meta["nfe"] == 4 and meta["solver"] == "plan:solver" and meta["plan"] == str(plan)
 
 
+def test_calibrate_from_a_named_schedule_with_options(tmp_path):
+    from diffkit.checkpoint import load_model
+    from diffkit.processes import process_from_config
+    from diffkit.schedules import get_sigmas
+
+    plan = tmp_path / "plan.json"
+    assert main(["calibrate", "--nfe", "5", "--method", "solver", "--solver", "unipc", "--schedule", "tuned",
+                 "--schedule-option", "focus=1,3", "--noises", "4", "--heldout", "0", "--teacher-nfe", "6",
+                 "--out", str(plan), "--no-progress"]) == 0
+    process = process_from_config(load_model(SHIPPED)[1]["process"])
+    sigmas = json.loads(plan.read_text())["sigmas"]  # UniPC with 5 calls: 5 steps on tuned x focus, then 0
+    assert np.allclose(sigmas, get_sigmas("tuned", 5, process=process, focus=(1.0, 3.0))[:5].tolist())
+    assert not np.allclose(sigmas, get_sigmas("tuned", 5, process=process)[:5].tolist())
+
+
 def test_calibrate_with_selected_noises(tmp_path, capsys):
     plan = tmp_path / "plan.json"
     assert main(["calibrate", "--nfe", "4", "--method", "solver", "--noises", "12", "--select", "4",

@@ -269,7 +269,8 @@ def _cmd_calibrate(args) -> int:
 
     noise, cond = draw(args.noises, 0)
     held, held_cond = draw(args.heldout, 500_000) if args.heldout else (0, None)
-    plan = calibrate(den, args.nfe, solver=args.solver, noises=noise, heldout=held, method=args.method,
+    plan = calibrate(den, args.nfe, solver=args.solver, schedule=args.schedule,
+                     schedule_options=dict(args.schedule_options), noises=noise, heldout=held, method=args.method,
                      budget=args.budget, cond=cond, heldout_cond=held_cond, verbose=not args.no_progress,
                      teacher=solver_teacher(den, nfe=args.teacher_nfe), select=args.select)
     plan.metrics["model"] = str(args.model)
@@ -367,7 +368,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default=str(SHIPPED), help="exported model folder or training checkpoint")
     p.add_argument("--nfe", type=_positive, required=True, help="budget of model calls of the plan")
     p.add_argument("--method", default="joint", help="calibration method (default: %(default)s)")
-    p.add_argument("--solver", default=None, help="starting solver (default: the budget's default)")
+    p.add_argument("--solver", default=None, help="starting solver (default: the best of the starting candidates)")
+    p.add_argument("--schedule", default=None, help="starting solver's schedule (default: the solver's)")
+    p.add_argument("--schedule-option", dest="schedule_options", type=_schedule_option, action="append",
+                   default=[], metavar="KEY=VALUE", help="option of the starting schedule, repeatable (as for sample)")
     p.add_argument("--noises", type=_positive, default=256, help="calibration noises (default: %(default)s)")
     p.add_argument("--heldout", type=int, default=256, help="held-out noises, only measured (default: %(default)s)")
     p.add_argument("--select", type=_positive, default=None,

@@ -65,25 +65,25 @@ def plan_error(plan: SolverPlan, denoiser, x0: Tensor, target: Tensor, cond=None
 def calibrate(denoiser, nfe: int, *, solver: str | None = None, noises: int | Tensor = 256,
               heldout: int | Tensor = 256, teacher: Callable | None = None, method: str = "joint",
               budget: float = 90.0, schedule: str | None = None, end: str | None = None, options: dict | None = None,
+              schedule_options: dict | None = None,
               cond: dict | None = None, heldout_cond: dict | None = None, seed: int = 0, neighbours: bool = True,
               validation: bool = True, verbose: bool = False, shape: tuple | None = None,
               select: int | None = None, hard_fraction: float = 0.25) -> SolverPlan:
     """Fit a `SolverPlan` with `nfe` model calls to `denoiser` (a `diffkit.Denoiser` with a process).
 
     The plan starts from `solver` on its grid for the budget (default: diffkit's default configuration for `nfe`;
-    `schedule`, `end`, `options` as in `diffkit.sample`) and is fitted by `method` (see `methods()`; the table in
-    `diffkit.calibrate.fitting`) against `teacher(x̄, σ̄_from, σ̄_to)` — by default `solver_teacher(denoiser)`; on a
-    testbed pass `mixture.flow_map`, the exact flow map — on `noises` (a count, drawn from `seed`, or a tensor of
-    standard-normal noise; a count needs `shape`, the shape of one sample). `heldout` noises (count or tensor; 0 for
-    none) only measure. `budget` is the wall time
-    in seconds the optimiser may use. The result never does worse than its starting plan on the calibration
-    noises (the start is returned when nothing better was found). `plan.metrics` reports calibration and held-out
-    relative RMS errors of the start and of the plan, timings (`teacher_seconds` includes the screening of
-    `select`) and, with `neighbours`, the starting solver at
-    nfe - 1 and nfe + 1 with the plan's grid resampled (a grid transfers between budgets, coefficients do not).
-    `cond` (and `heldout_cond` for the held-out noises, needed when `cond` holds per-sample tensors) go to the model
-    and to the teacher. With `validation` (and unconditional or shared conditioning), a quarter of the calibration
-    noises is held back from the gradient-based optimisers, which keep the parameters best on it (early stopping).
+    `schedule`, `end`, `options`, `schedule_options` as in `diffkit.sample`) and is fitted by `method` (see `methods()`;
+    the table in `diffkit.calibrate.fitting`) against `teacher(x̄, σ̄_from, σ̄_to)` — by default
+    `solver_teacher(denoiser)`; on a testbed pass `mixture.flow_map`, the exact flow map — on `noises` (a count, drawn
+    from `seed`, or a tensor of standard-normal noise; a count needs `shape`, the shape of one sample). `heldout` noises
+    (count or tensor; 0 for none) only measure. `budget` is the wall time in seconds the optimiser may use. The result
+    never does worse than its starting plan on the calibration noises (the start is returned when nothing better was
+    found). `plan.metrics` reports calibration and held-out relative RMS errors of the start and of the plan, timings
+    (`teacher_seconds` includes the screening of `select`) and, with `neighbours`, the starting solver at nfe - 1 and
+    nfe + 1 with the plan's grid resampled (a grid transfers between budgets, coefficients do not). `cond` (and
+    `heldout_cond` for the held-out noises, needed when `cond` holds per-sample tensors) go to the model and to the
+    teacher. With `validation` (and unconditional or shared conditioning), a quarter of the calibration noises is held
+    back from the gradient-based optimisers, which keep the parameters best on it (early stopping).
 
     `select` (fewer than the noises): the teacher labels only `select` of them, chosen by `select_noises` —
     the `hard_fraction` on which the starting solver is most wrong (screened against a cheap reference) and a
@@ -100,7 +100,8 @@ def calibrate(denoiser, nfe: int, *, solver: str | None = None, noises: int | Te
         raise ValueError(f"nfe must be a positive integer; got {nfe!r}")
     if not (budget > 0):
         raise ValueError(f"budget must be a positive number of seconds; got {budget!r}")
-    spec, grid, opts, calls = resolve(solver, process=process, nfe=nfe, schedule=schedule, end=end, options=options)
+    spec, grid, opts, calls = resolve(solver, process=process, nfe=nfe, schedule=schedule, end=end, options=options,
+                                      schedule_options=schedule_options)
     _check_linear(spec.name)
     grid = [float(s) for s in grid]
     cond = cond or {}
@@ -133,7 +134,7 @@ def calibrate(denoiser, nfe: int, *, solver: str | None = None, noises: int | Te
                         weights=weights[fit] if weights is not None else None,
                         weights_val=weights[val] if weights is not None and n_val else None)
     candidates = {}
-    if solver is None and schedule is None and options is None:  # start from the best of a few fixed solvers
+    if solver is None and schedule is None and options is None and not schedule_options:  # the best of a few
         spec, grid, opts, candidates = _best_start(problem, process, nfe, end or _default_end(nfe), grid,
                                                    one_call=method in ONE_CALL_PER_STEP)
         problem.solver, problem.options, problem.grid = spec.name, opts, grid
