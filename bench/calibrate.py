@@ -574,8 +574,7 @@ def main(argv=None):
             "keys": list(args.keys), "nfes": list(args.nfes), "method_keys": list(args.method_keys),
             "method_nfes": list(args.method_nfes), "titles": {k: S.TESTBEDS[k][0] for k in args.keys},
             "capacity": [list(c) for c in args.capacity], "capacity_n_cal": CAPACITY_N_CAL,
-            "capacity_budget_s": CAPACITY_BUDGET, "zones": list(args.zones), "zone_bounds": list(ZONE_BOUNDS),
-            "zone_calls": list(ZONE_CALLS), "digits": args.digits, "digits_n": DIGITS_N,
+            "capacity_budget_s": CAPACITY_BUDGET, "digits": args.digits, "digits_n": DIGITS_N,
             "digits_cal": DIGITS_CAL, "digits_pool": DIGITS_POOL,
             "digits_teacher_nfe": DIGITS_TEACHER_NFE, "budgets": {"joint": BUDGET["joint"] * args.budget_scale,
                                                                  "others": DEFAULT_BUDGET * args.budget_scale}}
@@ -1045,7 +1044,7 @@ def markdown_zones(recs, zones, n_cal: int) -> str:
          "| mixture | zone (σ̄) | " + " | ".join(f"k = {k}" for k in calls)
          + " | fewest calls with no switch | fewest calls within the target |",
          "|---|---|" + "---:|" * len(calls) + "---:|---:|"]
-    sums = {}
+    within = {}  # mixture -> (target, fewest calls within it per zone; None: more than max(calls))
     for key in dict.fromkeys(r["testbed"] for r in zones):
         a = best(recs, key, top, ("anchor",))
         target = 0.33 * own_err(a) if a else None
@@ -1054,16 +1053,15 @@ def markdown_zones(recs, zones, n_cal: int) -> str:
             any_row = next(iter(row.values()))
             fewest = [min((k for k in calls if k in row and ok(row[k])), default=None)
                       for ok in (lambda r: r["switched"] == 0, lambda r: target is not None and r["err"] <= target)]
-            sums.setdefault(key, [target, 0, False])
-            sums[key][1] += fewest[1] if fewest[1] is not None else max(calls) + 1
-            sums[key][2] |= fewest[1] is None
+            within.setdefault(key, (target, []))[1].append(fewest[1])
             L.append(f"| {key} | [{any_row['s_lo']:.3g}, {any_row['s_hi']:.3g}] | "
                      + " | ".join(f"{row[k]['err']:.2e} ({row[k]['switched']})" if k in row else "—" for k in calls)
                      + " | " + " | ".join(str(f) if f is not None else f"> {max(calls)}" for f in fewest) + " |")
     L.append("")
-    for key, (target, total, more) in sums.items():
+    for key, (target, fewest) in within.items():
         if target is None:
             continue
+        total, more = sum(max(calls) + 1 if f is None else f for f in fewest), None in fewest
         L.append(f"- {key} (target {target:.2e}): each zone within the target on its own, from exact states at its "
                  f"top, takes {'at least ' if more else ''}{total} calls together"
                  + (f", more than the {top} a plan has." if total > top else f", within the {top} a plan has."))

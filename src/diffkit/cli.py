@@ -67,6 +67,12 @@ def _schedule_option(text: str) -> tuple[str, float | tuple[float, ...]]:
     return key, nums[0] if len(nums) == 1 else nums
 
 
+def _add_schedule_options(p: argparse.ArgumentParser, help: str) -> None:
+    """--schedule-option KEY=VALUE (repeatable), collected as (key, value) pairs in args.schedule_options."""
+    p.add_argument("--schedule-option", dest="schedule_options", type=_schedule_option, action="append", default=[],
+                   metavar="KEY=VALUE", help=help)
+
+
 def _positive(text: str) -> int:
     try:
         v = int(text)
@@ -346,9 +352,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--solver", default=None, help="solver name (diffkit solvers); default: the budget's default")
     p.add_argument("--nfe", type=_positive, default=None, help="budget of model calls (default: 20, or the plan's)")
     p.add_argument("--schedule", default=None, help="step schedule (diffkit schedules); default: the solver's")
-    p.add_argument("--schedule-option", dest="schedule_options", type=_schedule_option, action="append",
-                   default=[], metavar="KEY=VALUE", help="option of the schedule, repeatable: rho=5 (karras, "
-                   "polyexponential), focus=1,3 (tuned: more steps around σ̄ = 1, gain 3)")
+    _add_schedule_options(p, "option of the schedule, repeatable: rho=5 (karras, polyexponential), focus=1,3 "
+                             "(tuned: more steps around σ̄ = 1, gain 3)")
     p.add_argument("--plan", default=None, help="solver plan JSON from `diffkit calibrate` (replaces solver and "
                    "schedule)")
     p.add_argument("--seed", type=int, default=0, help="noise seed (sample i uses seed*1000003+i)")
@@ -370,8 +375,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--method", default="joint", help="calibration method (default: %(default)s)")
     p.add_argument("--solver", default=None, help="starting solver (default: the best of the starting candidates)")
     p.add_argument("--schedule", default=None, help="starting solver's schedule (default: the solver's)")
-    p.add_argument("--schedule-option", dest="schedule_options", type=_schedule_option, action="append",
-                   default=[], metavar="KEY=VALUE", help="option of the starting schedule, repeatable (as for sample)")
+    _add_schedule_options(p, "option of the starting schedule, repeatable (as for sample)")
     p.add_argument("--noises", type=_positive, default=256, help="calibration noises (default: %(default)s)")
     p.add_argument("--heldout", type=int, default=256, help="held-out noises, only measured (default: %(default)s)")
     p.add_argument("--select", type=_positive, default=None,
