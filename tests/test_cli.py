@@ -179,11 +179,19 @@ def test_calibrate_with_selected_noises(tmp_path, capsys):
     assert m["screened_noises"] == 12 and m["hard_noises"] == 1
 
 
+def test_calibrate_in_batches(tmp_path, capsys):
+    plan = tmp_path / "plan.json"
+    assert main(["calibrate", "--nfe", "4", "--method", "linear_subspace", "--noises", "10", "--heldout", "0",
+                 "--teacher-nfe", "6", "--batch-size", "3", "--out", str(plan), "--no-progress"]) == 0
+    assert json.loads(plan.read_text())["metrics"]["batch_size"] == 3
+
+
 @pytest.mark.parametrize("argv, match", [
     (["sample", "--plan", "/no/such/plan.json"], "plan.json"),
     (["sample", "--plan", "PLAN", "--solver", "heun"], "--plan fixes"),
     (["calibrate", "--nfe", "4", "--method", "nosuch"], "unknown calibration method"),
     (["calibrate", "--nfe", "4", "--noises", "8", "--select", "16"], "more than the 8"),
+    (["calibrate", "--nfe", "4", "--batch-size", "0"], "--batch-size"),
 ])
 def test_plan_bad_input(tmp_path, argv, match, capsys):
     (tmp_path / "bad.json").write_text("{not json")

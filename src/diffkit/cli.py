@@ -278,7 +278,8 @@ def _cmd_calibrate(args) -> int:
     plan = calibrate(den, args.nfe, solver=args.solver, schedule=args.schedule,
                      schedule_options=dict(args.schedule_options), noises=noise, heldout=held, method=args.method,
                      budget=args.budget, cond=cond, heldout_cond=held_cond, verbose=not args.no_progress,
-                     teacher=solver_teacher(den, nfe=args.teacher_nfe), select=args.select)
+                     teacher=solver_teacher(den, nfe=args.teacher_nfe), select=args.select,
+                     batch_size=args.batch_size)
     plan.metrics["model"] = str(args.model)
     plan.save(args.out)
     m = plan.metrics
@@ -384,6 +385,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--budget", type=float, default=90.0, help="optimiser wall time in seconds (default: %(default)s)")
     p.add_argument("--teacher-nfe", type=_positive, default=100,
                    help="model calls of the teacher's high-accuracy solve (default: %(default)s)")
+    p.add_argument("--batch-size", type=_positive, default=None,
+                   help="most samples per model call (teacher, screening, losses and gradients run in chunks; "
+                        "default: all at once)")
     p.add_argument("--seed", type=int, default=0, help="noise seed")
     p.add_argument("--device", default="cpu", help="torch device")
     p.add_argument("--out", default="plan.json", help="plan file to write (default: %(default)s)")

@@ -54,11 +54,12 @@ def solver_teacher(denoiser, nfe: int = 150, solver: str = "dpm_solver_3") -> Ca
     return teacher
 
 
-def plan_error(plan: SolverPlan, denoiser, x0: Tensor, target: Tensor, cond=None, weights=None) -> float:
+def plan_error(plan: SolverPlan, denoiser, x0: Tensor, target: Tensor, cond=None, weights=None,
+               batch_size: int | None = None) -> float:
     """Relative RMS error ||plan(x̄_0) - target|| / ||target|| over all samples (importance-weighted with
-    `weights`, see `fitting.rel_mse`)."""
+    `weights`, see `fitting.rel_mse`), the plan run on at most `batch_size` samples at once."""
     with torch.no_grad():
-        out = plan.run(denoiser, x0, cond=cond)
+        out = M.in_chunks(lambda x, c: plan.run(denoiser, x, cond=c), x0, cond or {}, batch_size)
     return float(M.rel_mse(out, target, weights).sqrt())
 
 
@@ -68,7 +69,7 @@ def calibrate(denoiser, nfe: int, *, solver: str | None = None, noises: int | Te
               schedule_options: dict | None = None,
               cond: dict | None = None, heldout_cond: dict | None = None, seed: int = 0, neighbours: bool = True,
               validation: bool = True, verbose: bool = False, shape: tuple | None = None,
-              select: int | None = None, hard_fraction: float = 0.25) -> SolverPlan:
+              select: int | None = None, hard_fraction: float = 0.25, batch_size: int | None = None) -> SolverPlan:
     """Fit a `SolverPlan` with `nfe` model calls to `denoiser` (a `diffkit.Denoiser` with a process).
 
     The plan starts from `solver` on its grid for the budget (default: diffkit's default configuration for `nfe`;
@@ -90,7 +91,11 @@ def calibrate(denoiser, nfe: int, *, solver: str | None = None, noises: int | Te
     uniform sample of the rest, importance-weighted so that every loss and error is an unbiased estimate of the
     error over all the noises. The relative RMS error of a few-step sampler is dominated by rare noises whose
     trajectories pass near a boundary between modes (a small error there sends the sample to another mode); a
-    stratified calibration set sees many of them at the cost of one teacher run per selected noise."""
+    stratified calibration set sees many of them at the cost of one teacher run per selected noise.
+
+    `batch_size` (default: all at once) bounds how many samples the model sees per call — teacher, screening,
+    losses and their gradients run chunk by chunk, so calibrating a large model needs the memory of one chunk
+    (a gradient through `nfe` model calls), not of all the noises; the result is the same up to rounding."""
     if method not in M.METHODS:
         raise ValueError(f"unknown calibration method {method!r}; valid: {', '.join(M.METHODS)}")
     process = getattr(denoiser, "process", None)
@@ -100,6 +105,8 @@ def calibrate(denoiser, nfe: int, *, solver: str | None = None, noises: int | Te
         raise ValueError(f"nfe must be a positive integer; got {nfe!r}")
     if not (budget > 0):
         raise ValueError(f"budget must be a positive number of seconds; got {budget!r}")
+    if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1):
+        raise ValueError(f"batch_size must be a positive integer or None; got {batch_size!r}")
     spec, grid, opts, calls = resolve(solver, process=process, nfe=nfe, schedule=schedule, end=end, options=options,
                                       schedule_options=schedule_options)
     _check_linear(spec.name)
@@ -115,24 +122,26 @@ def calibrate(denoiser, nfe: int, *, solver: str | None = None, noises: int | Te
     if select is not None:
         screened, t_screen = len(x0), time.monotonic()
         idx, weights = select_noises(denoiser, x0, nfe, select, (spec, grid, opts), hard_fraction=hard_fraction,
-                                     seed=seed, cond=cond)
+                                     seed=seed, cond=cond, batch_size=batch_size)
         x0 = x0[idx]
         cond = {k: v[idx] if isinstance(v, Tensor) and v.ndim > 0 else v for k, v in cond.items()}
         t_screen = time.monotonic() - t_screen
     teacher = teacher or solver_teacher(denoiser)
     sigma_end = grid[-1]
-    target = _check_teacher(_teach(teacher, x0, grid[0], sigma_end, cond), x0)
-    target_h = _check_teacher(_teach(teacher, xh, grid[0], sigma_end, heldout_cond), xh) if xh is not None else None
+    target = _check_teacher(_teach(teacher, x0, grid[0], sigma_end, cond, batch_size), x0)
+    target_h = (_check_teacher(_teach(teacher, xh, grid[0], sigma_end, heldout_cond, batch_size), xh)
+                if xh is not None else None)
     t_teacher = time.monotonic() - t_start
 
     log = print if verbose else (lambda *a, **k: None)
     n_val = len(x0) // 4 if (validation and len(x0) >= 8 and not _per_sample(cond)) else 0
     fit, val = slice(0, len(x0) - n_val), slice(len(x0) - n_val, len(x0))
-    problem = M.Problem(denoiser, x0[fit], target[fit], lambda x, a, b: _teach(teacher, x, a, b, cond), spec.name,
+    problem = M.Problem(denoiser, x0[fit], target[fit], lambda x, a, b: _teach(teacher, x, a, b, cond, batch_size),
+                        spec.name,
                         opts, grid, process, cond, deadline=time.monotonic() + budget, log=log,
                         x0_val=x0[val] if n_val else None, target_val=target[val] if n_val else None,
                         weights=weights[fit] if weights is not None else None,
-                        weights_val=weights[val] if weights is not None and n_val else None)
+                        weights_val=weights[val] if weights is not None and n_val else None, batch_size=batch_size)
     candidates = {}
     if solver is None and schedule is None and options is None and not schedule_options:  # the best of a few
         spec, grid, opts, candidates = _best_start(problem, process, nfe, end or _default_end(nfe), grid,
@@ -158,13 +167,14 @@ def calibrate(denoiser, nfe: int, *, solver: str | None = None, noises: int | Te
     tau, alpha, B = run()
     seconds = time.monotonic() - t0
     plan = SolverPlan.from_tensors(tau, alpha, B, method=method, **meta)
-    err0 = plan_error(start_plan, denoiser, x0, target, cond, weights)
-    err = plan_error(plan, denoiser, x0, target, cond, weights)
+    err0 = plan_error(start_plan, denoiser, x0, target, cond, weights, batch_size)
+    err = plan_error(plan, denoiser, x0, target, cond, weights, batch_size)
     fell_back = not (err <= err0)
     if fell_back:
         plan, err = SolverPlan.from_tensors(tau0, alpha0, B0, method=method, **meta), err0
     metrics = {"calibration_noises": len(x0), "start_error": err0, "error": err, "fell_back_to_start": fell_back,
-               "seconds": round(seconds, 3), "teacher_seconds": round(t_teacher, 3), "grid": problem.grid,
+               "seconds": round(seconds, 3), "teacher_seconds": round(t_teacher, 3), "loss_evaluations": problem.evals,
+               "grid": problem.grid,
                "start": {"solver": spec.name, "options": opts}}
     if weights is not None:
         metrics.update(screened_noises=screened, hard_noises=int((weights == 1).sum()) if select < screened else 0,
@@ -174,13 +184,16 @@ def calibrate(denoiser, nfe: int, *, solver: str | None = None, noises: int | Te
         metrics["start"]["candidate"] = min(candidates, key=candidates.get)
     if xh is not None:
         metrics.update(heldout_noises=len(xh),
-                       heldout_start_error=plan_error(start_plan, denoiser, xh, target_h, heldout_cond),
-                       heldout_error=plan_error(plan, denoiser, xh, target_h, heldout_cond))
+                       heldout_start_error=plan_error(start_plan, denoiser, xh, target_h, heldout_cond,
+                                                      batch_size=batch_size),
+                       heldout_error=plan_error(plan, denoiser, xh, target_h, heldout_cond, batch_size=batch_size))
     for key in ("s3_choice", "dc_ratios", "momentum_beta"):
         if hasattr(problem, key):
             metrics[key] = getattr(problem, key)
     if neighbours and xh is not None:
         metrics["neighbours"] = _neighbours(problem, denoiser, xh, target_h, spec.name, opts, heldout_cond)
+    if batch_size is not None:
+        metrics["batch_size"] = batch_size
     plan.metrics = metrics
     return plan
 
@@ -239,7 +252,8 @@ def _best_start(problem, process, nfe, end, default_grid, one_call: bool):
 
 
 def select_noises(denoiser, x0: Tensor, nfe: int, select: int, start: tuple, *, hard_fraction: float = 0.25,
-                  seed: int = 0, cond: dict | None = None, screen_nfe: int | None = None) -> tuple[Tensor, Tensor]:
+                  seed: int = 0, cond: dict | None = None, screen_nfe: int | None = None,
+                  batch_size: int | None = None) -> tuple[Tensor, Tensor]:
     """A stratified calibration set of `select` of the starts `x0` (N of them): their indices and importance
     weights (`cond` tensors with a batch dimension are per-start conditioning).
 
@@ -248,7 +262,8 @@ def select_noises(denoiser, x0: Tensor, nfe: int, select: int, start: tuple, *, 
     select) highest scores is taken whole (weight 1), the rest E by a uniform sample of select - h (weight
     (N - h) / (select - h)). Then Σ_i w_i f(x̄_i) over the selection is an unbiased estimate of Σ_{all N} f, the
     standard stratified estimator (Cochran, "Sampling Techniques", Eq. 5.1). Returned in a random order (so a
-    validation slice mixes both strata), weights summing to N."""
+    validation slice mixes both strata), weights summing to N. The screening runs on at most `batch_size` starts at
+    once."""
     n = len(x0)
     if not isinstance(select, int) or select < 2:
         raise ValueError(f"select must be an integer >= 2; got {select!r}")
@@ -265,8 +280,9 @@ def select_noises(denoiser, x0: Tensor, nfe: int, select: int, start: tuple, *, 
     cond = cond or {}
     with torch.no_grad():
         tau, alpha, B = plan_tensors(spec.name, grid, opts, denoiser.process)
-        out = run_linear(denoiser, x0, tau.tolist(), alpha.tolist(), B.tolist(), cond=cond)
-        ref = _teach(ref_teacher, x0, grid[0], grid[-1], cond)
+        out = M.in_chunks(lambda x, c: run_linear(denoiser, x, tau.tolist(), alpha.tolist(), B.tolist(), cond=c),
+                          x0, cond, batch_size)
+        ref = _teach(ref_teacher, x0, grid[0], grid[-1], cond, batch_size)
     score = (out - ref).pow(2).flatten(1).sum(1)
     if not torch.isfinite(score).all():
         raise ValueError("screening produced non-finite errors (check the denoiser)")
@@ -309,8 +325,10 @@ def _per_sample(cond: dict) -> bool:
     return any(isinstance(v, Tensor) and v.ndim > 0 for v in cond.values())
 
 
-def _teach(teacher, x, s_from, s_to, cond):
-    return teacher(x, s_from, s_to, **cond) if cond else teacher(x, s_from, s_to)
+def _teach(teacher, x, s_from, s_to, cond, batch_size=None):
+    """The teacher's map of the states x from σ̄_from to σ̄_to, on at most `batch_size` states at once."""
+    return M.in_chunks(lambda xc, c: teacher(xc, s_from, s_to, **c) if c else teacher(xc, s_from, s_to), x, cond,
+                       batch_size)
 
 
 def _check_teacher(y, x):
@@ -339,7 +357,7 @@ def _neighbours(problem, denoiser, xh, target_h, solver, opts, cond) -> dict:
             out[str(len(g) - 1)] = f"n/a ({e})"
             continue
         p = SolverPlan.from_tensors(tau, alpha, B, sigma_end=grid[-1])
-        out[str(len(tau))] = plan_error(p, denoiser, xh, target_h, cond)
+        out[str(len(tau))] = plan_error(p, denoiser, xh, target_h, cond, batch_size=problem.batch_size)
     return out
 
 

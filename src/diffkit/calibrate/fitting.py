@@ -38,7 +38,9 @@ __all__ = ["Problem", "METHODS", "methods"]
 @dataclass
 class Problem:
     """What every method sees. `x0`/`target`: canonical starts at σ̄_max and teacher outputs at `sigma_end` for the
-    calibration noises; `teacher(x, s_from, s_to)` maps states between levels; `grid` the starting solver grid."""
+    calibration noises; `teacher(x, s_from, s_to)` maps states between levels; `grid` the starting solver grid.
+    `batch_size` bounds how many samples go through the model at once (None: all): the losses, their gradients
+    and the methods' model calls run chunk by chunk (`chunks`), so memory is that of one chunk."""
 
     denoiser: Callable
     x0: Tensor
@@ -56,6 +58,7 @@ class Problem:
     target_val: Tensor | None = None
     weights: Tensor | None = None  # per-noise weights (importance weights of a mined calibration set; None: equal)
     weights_val: Tensor | None = None
+    batch_size: int | None = None
 
     @property
     def n(self) -> int:
@@ -65,14 +68,22 @@ class Problem:
         return time.monotonic() > self.deadline
 
     def run(self, tau, alpha, B, x=None) -> Tensor:
+        """The plan's outputs from the starts `x` (default: the calibration starts), without gradients, in chunks."""
         x = self.x0 if x is None else x
-        sig = (lambda t, y: t.expand(y.shape[0])) if isinstance(tau, Tensor) and tau.requires_grad else None
-        return run_linear(self.denoiser, x, tau, alpha, B, cond=self.cond, sigma_arg=sig)
+        with torch.no_grad():
+            return in_chunks(lambda xc, cond: run_linear(self.denoiser, xc, tau, alpha, B, cond=cond), x, self.cond,
+                             self.batch_size)
+
+    def denoise(self, x: Tensor, sigma: float) -> Tensor:
+        """D(x̄, σ̄) for a batch of states, without gradients, in chunks."""
+        with torch.no_grad():
+            return in_chunks(lambda xc, cond: self.denoiser(xc, sigma, **cond), x, self.cond, self.batch_size)
 
     def loss(self, tau, alpha, B) -> Tensor:
-        """Relative mean squared error of the plan's output against the teacher on the calibration noises."""
+        """Relative mean squared error of the plan's output against the teacher on the calibration noises;
+        differentiable in τ, α and B (through the model's noise-level input for τ), chunk by chunk."""
         self.evals += 1
-        return rel_mse(self.run(tau, alpha, B), self.target, self.weights)
+        return self._rel_mse(tau, alpha, B, self.x0, self.target, self.weights)
 
     def val_loss(self, tau, alpha, B) -> float:
         """The same on the validation split (the training loss when there is none)."""
@@ -80,20 +91,95 @@ class Problem:
             tau, alpha, B = (v.detach() if isinstance(v, Tensor) else v for v in (tau, alpha, B))
             if self.x0_val is None:
                 return self.loss(tau, alpha, B).item()
-            return rel_mse(self.run(tau, alpha, B, self.x0_val), self.target_val, self.weights_val).item()
+            return self._rel_mse(tau, alpha, B, self.x0_val, self.target_val, self.weights_val).item()
+
+    def _rel_mse(self, tau, alpha, B, x0, target, weights) -> Tensor:
+        denom = squared_error(torch.zeros_like(target), target, weights)
+        parts = chunks(len(x0), self.batch_size)
+        cond = self.cond
+
+        def part(i, t, a, b):
+            sl = parts[i]
+            sig = (lambda s, y: s.expand(y.shape[0])) if t.requires_grad else None
+            out = run_linear(self.denoiser, x0[sl], t, a, b, cond=slice_cond(cond, sl, len(x0)), sigma_arg=sig)
+            return squared_error(out, target[sl], None if weights is None else weights[sl]) / denom
+
+        return chunked_sum(part, len(parts), tau, alpha, B)
 
     def base(self, grid=None, solver=None, options=None):
         return plan_tensors(solver or self.solver, grid or self.grid, self.options if options is None else options,
                             self.process)
 
 
+def squared_error(out: Tensor, target: Tensor, weights: Tensor | None = None) -> Tensor:
+    """Σ_i w_i ‖out_i - target_i‖² (w = 1 when `weights` is None)."""
+    per = (out - target).pow(2).flatten(1).sum(1)
+    return per.sum() if weights is None else (per * weights.to(out.device, out.dtype)).sum()
+
+
 def rel_mse(out: Tensor, target: Tensor, weights: Tensor | None = None) -> Tensor:
     """Σ_i w_i ‖out_i - target_i‖² / Σ_i w_i ‖target_i‖² (equal weights when `weights` is None): the relative
     mean squared error, or its importance-weighted estimate over a population the noises were drawn from."""
-    if weights is None:
-        return (out - target).pow(2).mean() / target.pow(2).mean()
-    w = weights.to(out.device, out.dtype)
-    return ((out - target).pow(2).flatten(1).sum(1) * w).sum() / (target.pow(2).flatten(1).sum(1) * w).sum()
+    return squared_error(out, target, weights) / squared_error(torch.zeros_like(target), target, weights)
+
+
+def chunks(n: int, batch_size: int | None) -> list[slice]:
+    """Consecutive slices of at most `batch_size` of n samples (one slice when `batch_size` is None)."""
+    size = n if batch_size is None else batch_size
+    return [slice(i, min(i + size, n)) for i in range(0, n, max(size, 1))]
+
+
+def slice_cond(cond: dict, sl: slice, n: int) -> dict:
+    """The conditioning of the samples in `sl`: tensors whose first dimension is the batch of n are sliced with it,
+    everything else is shared."""
+    return {k: v[sl] if isinstance(v, Tensor) and v.ndim > 0 and v.shape[0] == n else v for k, v in cond.items()}
+
+
+def in_chunks(fn: Callable, x: Tensor, cond: dict, batch_size: int | None) -> Tensor:
+    """fn(x_chunk, cond_chunk) over the chunks of the batch x, concatenated."""
+    parts = chunks(len(x), batch_size)
+    if len(parts) == 1:
+        return fn(x, cond)
+    return torch.cat([fn(x[sl], slice_cond(cond, sl, len(x))) for sl in parts])
+
+
+class _ChunkedSum(torch.autograd.Function):
+    """Σ_c part(c, *tensors) whose gradient with respect to the tensors is accumulated chunk by chunk during the
+    forward pass (each chunk's graph through the model is freed before the next one is built), so that the
+    memory of a full-batch loss and its backward pass is that of one chunk."""
+
+    @staticmethod
+    def forward(ctx, part, n_parts, *tensors):
+        leaves = [t.detach().requires_grad_(t.requires_grad) for t in tensors]
+        wanted = [leaf for leaf in leaves if leaf.requires_grad]
+        grads = [torch.zeros_like(leaf) for leaf in wanted]
+        total = None
+        for c in range(n_parts):
+            with torch.enable_grad():
+                value = part(c, *leaves)
+                if wanted and value.requires_grad:
+                    for acc, g in zip(grads, torch.autograd.grad(value, wanted, allow_unused=True)):
+                        if g is not None:
+                            acc += g
+            total = value.detach() if total is None else total + value.detach()
+        ctx.save_for_backward(*grads)
+        ctx.wanted = [t.requires_grad for t in tensors]
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        saved = iter(ctx.saved_tensors)
+        return None, None, *(grad_out * next(saved) if w else None for w in ctx.wanted)
+
+
+def chunked_sum(part: Callable, n_parts: int, *tensors: Tensor) -> Tensor:
+    """Σ_c part(c, *tensors) for c < n_parts, differentiable in the tensors with the memory of one part at a time
+    (`_ChunkedSum`); a plain sum without gradients when none is needed."""
+    tensors = tuple(torch.as_tensor(t, dtype=F64) if not isinstance(t, Tensor) else t for t in tensors)
+    if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
+        return _ChunkedSum.apply(part, n_parts, *tensors)
+    with torch.no_grad():
+        return sum(part(c, *tensors) for c in range(n_parts))
 
 
 def _lbfgs(params, closure_loss, problem: Problem, max_evals: int, plan_of: Callable | None = None):
@@ -339,7 +425,7 @@ def linear_subspace(problem: Problem, ridge: float = 1e-6, init=None):
         rw = (w * len(w) / w.sum()).repeat_interleave(x[0].numel())
     with torch.no_grad():
         for j in range(n):
-            outs.append(problem.denoiser(x, float(tau[j]), **problem.cond))
+            outs.append(problem.denoise(x, float(tau[j])))
             feats = torch.stack([x.flatten()] + [o.flatten() for o in outs], 1).to(F64)  # (N*d, j+2)
             y = targets[j].flatten().to(F64)
             c0 = torch.cat([alpha0[j:j + 1], B0[j, :j + 1]])
@@ -436,7 +522,7 @@ def ems_slopes(problem: Problem, levels: Tensor) -> Tensor:
             if lv != s:
                 x = problem.teacher(x, s, lv)
                 s = lv
-            d = problem.denoiser(x, lv, **problem.cond)
+            d = problem.denoise(x, lv)
             xc, dc = x - x.mean(0), d - d.mean(0)
             ls.append(float((xc * dc).sum() / xc.pow(2).sum().clamp_min(1e-300)))
     return torch.tensor(ls, dtype=F64)
