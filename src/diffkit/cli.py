@@ -370,6 +370,7 @@ def build_parser() -> argparse.ArgumentParser:
              "  diffkit calibrate --nfe 6 --out plan.json                 # shipped digits model, joint method\n"
              "  diffkit calibrate --nfe 6 --method evolution --budget 60 --out plan.json\n"
              "  diffkit calibrate --nfe 6 --noises 1024 --select 128 --out plan.json   # mine hard noises\n"
+             "  diffkit calibrate --nfe 6 --batch-size 32 --out plan.json  # bound memory: 32 samples per call\n"
              "  diffkit sample --plan plan.json\n")
     p.add_argument("--model", default=str(SHIPPED), help="exported model folder or training checkpoint")
     p.add_argument("--nfe", type=_positive, required=True, help="budget of model calls of the plan")
