@@ -124,7 +124,7 @@ def calibrate(denoiser, nfe: int, *, solver: str | None = None, noises: int | Te
         idx, weights = select_noises(denoiser, x0, nfe, select, (spec, grid, opts), hard_fraction=hard_fraction,
                                      seed=seed, cond=cond, batch_size=batch_size)
         x0 = x0[idx]
-        cond = {k: v[idx] if isinstance(v, Tensor) and v.ndim > 0 else v for k, v in cond.items()}
+        cond = M.index_cond(cond, idx, screened)
         t_screen = time.monotonic() - t_screen
     teacher = teacher or solver_teacher(denoiser)
     sigma_end = grid[-1]
@@ -137,8 +137,7 @@ def calibrate(denoiser, nfe: int, *, solver: str | None = None, noises: int | Te
     n_val = len(x0) // 4 if (validation and len(x0) >= 8 and not _per_sample(cond)) else 0
     fit, val = slice(0, len(x0) - n_val), slice(len(x0) - n_val, len(x0))
     problem = M.Problem(denoiser, x0[fit], target[fit], lambda x, a, b: _teach(teacher, x, a, b, cond, batch_size),
-                        spec.name,
-                        opts, grid, process, cond, deadline=time.monotonic() + budget, log=log,
+                        spec.name, opts, grid, process, cond, deadline=time.monotonic() + budget, log=log,
                         x0_val=x0[val] if n_val else None, target_val=target[val] if n_val else None,
                         weights=weights[fit] if weights is not None else None,
                         weights_val=weights[val] if weights is not None and n_val else None, batch_size=batch_size)

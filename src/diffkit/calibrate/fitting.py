@@ -67,13 +67,6 @@ class Problem:
     def out_of_time(self) -> bool:
         return time.monotonic() > self.deadline
 
-    def run(self, tau, alpha, B, x=None) -> Tensor:
-        """The plan's outputs from the starts `x` (default: the calibration starts), without gradients, in chunks."""
-        x = self.x0 if x is None else x
-        with torch.no_grad():
-            return in_chunks(lambda xc, cond: run_linear(self.denoiser, xc, tau, alpha, B, cond=cond), x, self.cond,
-                             self.batch_size)
-
     def denoise(self, x: Tensor, sigma: float) -> Tensor:
         """D(x̄, σ̄) for a batch of states, without gradients, in chunks."""
         with torch.no_grad():
@@ -101,7 +94,7 @@ class Problem:
         def part(i, t, a, b):
             sl = parts[i]
             sig = (lambda s, y: s.expand(y.shape[0])) if t.requires_grad else None
-            out = run_linear(self.denoiser, x0[sl], t, a, b, cond=slice_cond(cond, sl, len(x0)), sigma_arg=sig)
+            out = run_linear(self.denoiser, x0[sl], t, a, b, cond=index_cond(cond, sl, len(x0)), sigma_arg=sig)
             return squared_error(out, target[sl], None if weights is None else weights[sl]) / denom
 
         return chunked_sum(part, len(parts), tau, alpha, B)
@@ -129,10 +122,10 @@ def chunks(n: int, batch_size: int | None) -> list[slice]:
     return [slice(i, min(i + size, n)) for i in range(0, n, max(size, 1))]
 
 
-def slice_cond(cond: dict, sl: slice, n: int) -> dict:
-    """The conditioning of the samples in `sl`: tensors whose first dimension is the batch of n are sliced with it,
-    everything else is shared."""
-    return {k: v[sl] if isinstance(v, Tensor) and v.ndim > 0 and v.shape[0] == n else v for k, v in cond.items()}
+def index_cond(cond: dict, index, n: int) -> dict:
+    """The conditioning of the samples `index` (a slice or an index tensor) of a batch of n: tensors whose first
+    dimension is that batch are indexed with it, everything else is shared."""
+    return {k: v[index] if isinstance(v, Tensor) and v.ndim > 0 and v.shape[0] == n else v for k, v in cond.items()}
 
 
 def in_chunks(fn: Callable, x: Tensor, cond: dict, batch_size: int | None) -> Tensor:
@@ -140,7 +133,7 @@ def in_chunks(fn: Callable, x: Tensor, cond: dict, batch_size: int | None) -> Te
     parts = chunks(len(x), batch_size)
     if len(parts) == 1:
         return fn(x, cond)
-    return torch.cat([fn(x[sl], slice_cond(cond, sl, len(x))) for sl in parts])
+    return torch.cat([fn(x[sl], index_cond(cond, sl, len(x))) for sl in parts])
 
 
 class _ChunkedSum(torch.autograd.Function):
