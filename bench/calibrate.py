@@ -278,15 +278,21 @@ def digits_teacher_samples() -> torch.Tensor:
 def digits_scores(x, labels, teacher: torch.Tensor | None = None) -> dict:
     """FD and accuracy of samples `x`; with `teacher` (the teacher's samples from the same noises) also their
     relative RMS distance to it (`teacher_err`: how closely a contender reproduces the exact ODE solution, sample
-    by sample)."""
-    from diffkit.image_metrics import classifier_accuracy, frechet_digits_distance
+    by sample) and the Fréchet distance between their features and the teacher's (`fd_teacher`: how closely it
+    reproduces the model's own distribution, the quantity a solver controls; FD to the real digits adds the
+    model's own error, which a solver's error can happen to offset)."""
+    from diffkit.image_metrics import classifier_accuracy, digit_features, frechet_digits_distance
+    from diffkit.metrics import feature_statistics, frechet_distance
 
     x = x.to(torch.float32)
     if not torch.isfinite(x).all():
-        return {"fd": math.inf, "accuracy": 0.0} | ({"teacher_err": math.inf} if teacher is not None else {})
+        return {"fd": math.inf, "accuracy": 0.0} | ({"teacher_err": math.inf, "fd_teacher": math.inf}
+                                                    if teacher is not None else {})
     out = {"fd": frechet_digits_distance(x), "accuracy": classifier_accuracy(x, labels)}
     if teacher is not None:
         out["teacher_err"] = S.rel_err(x, teacher.to(F64))
+        out["fd_teacher"] = frechet_distance(feature_statistics(digit_features(x)),
+                                             feature_statistics(digit_features(teacher.to(torch.float32))))
     return out
 
 
@@ -305,8 +311,10 @@ def digits_anchor_samples(name: str, nfe: int) -> tuple[torch.Tensor, str, int]:
 def fd_bootstrap(data, resamples: int = FD_RESAMPLES, seed: int = 0) -> dict:
     """How finely the digits FD resolves target 2: a paired bootstrap over the reported noises (the same resampled
     indices for every contender, `resamples` times) of FD(chosen plan at NFE 6) - FD(best anchor at NFE 10), and of
-    FD(teacher) - FD(that anchor) as a yardstick: the teacher is what a perfectly fitted plan reproduces. The two
-    contenders' samples are regenerated from their records (the plan from its stored JSON)."""
+    FD(teacher) - FD(that anchor) as a yardstick: the teacher is what a perfectly fitted plan reproduces; and of
+    the same difference for the FD to the teacher's samples (`plan_fd_teacher`, the resampled teacher features as
+    the reference). The two contenders' samples are regenerated from their records (the plan from its stored
+    JSON)."""
     from diffkit.image_metrics import digit_features, reference_features
     from diffkit.metrics import feature_statistics, frechet_distance
 
@@ -330,12 +338,15 @@ def fd_bootstrap(data, resamples: int = FD_RESAMPLES, seed: int = 0) -> dict:
 
     full = {k: fd(f) for k, f in feats.items()}
     g = torch.Generator().manual_seed(seed)
-    diffs = {"plan": [], "teacher": []}
+    diffs = {"plan": [], "teacher": [], "plan_fd_teacher": []}
     for _ in range(resamples):
         idx = torch.randint(0, len(noise), (len(noise),), generator=g)
         a = fd(feats["anchor"][idx])
-        for k in diffs:
+        for k in ("plan", "teacher"):
             diffs[k].append(fd(feats[k][idx]) - a)
+        st = feature_statistics(feats["teacher"][idx])
+        diffs["plan_fd_teacher"].append(frechet_distance(feature_statistics(feats["plan"][idx]), st)
+                                        - frechet_distance(feature_statistics(feats["anchor"][idx]), st))
     out = {"resamples": resamples, "n": len(noise), "plan_config": t2["plan"], "anchor_config": t2["anchor"],
            "fd": full,
            "max_fd_mismatch": max(abs(full["plan"] - t2["plan_fd"]), abs(full["anchor"] - t2["anchor_fd"]))}
@@ -675,6 +686,7 @@ def targets(data, metric=own_err):
                     "plan_by_error": by_err["config"], "plan_by_error_fd": by_err["fd"],
                     "anchor": a10["config"], "anchor_fd": a10["fd"],
                     "plan_teacher_err": chosen.get("teacher_err"), "anchor_teacher_err": a10.get("teacher_err"),
+                    "plan_fd_teacher": chosen.get("fd_teacher"), "anchor_fd_teacher": a10.get("fd_teacher"),
                     "best_plan_fd_any": min(r["fd"] for r in plans6)}
     else:
         res["2"] = {"title": "digits: calibrated plan at NFE 6 reaches the FD of the best anchor at NFE 10",
@@ -782,8 +794,12 @@ def markdown(data, fig_rel) -> str:
               + (f"; the plan with the lowest calibration error ({t2['plan_by_error']}) FD "
                  f"{t2['plan_by_error_fd']:.3f}" if "plan_by_error" in t2 else "")
               + (f". Distance to the teacher's samples: the plan {t2['plan_teacher_err']:.4f}, the anchor "
-                 f"{t2['anchor_teacher_err']:.4f}." if t2.get("plan_teacher_err") is not None
-                 and t2.get("anchor_teacher_err") is not None else "."))
+                 f"{t2['anchor_teacher_err']:.4f}" if t2.get("plan_teacher_err") is not None
+                 and t2.get("anchor_teacher_err") is not None else "")
+              + (f"; FD to the teacher's samples (the model's own distribution): the plan "
+                 f"{t2['plan_fd_teacher']:.3f}, the anchor {t2['anchor_fd_teacher']:.3f}"
+                 if t2.get("plan_fd_teacher") is not None and t2.get("anchor_fd_teacher") is not None else "")
+              + ".")
             bs = data.get("fd_bootstrap")
             if bs:
                 pl, te = bs["plan"], bs["teacher"]
@@ -791,8 +807,12 @@ def markdown(data, fig_rel) -> str:
                   f"resamples of the reported noises, the same indices for both sides): FD(plan) − FD(anchor) median "
                   f"{pl['median']:+.3f}, 95 % interval [{pl['lo']:+.3f}, {pl['hi']:+.3f}], below 0 in "
                   f"{pl['p_below']:.0%} of resamples; the teacher itself against the same anchor "
-                  f"{te['median']:+.3f} [{te['lo']:+.3f}, {te['hi']:+.3f}], below 0 in {te['p_below']:.0%}. The "
-                  f"verdict above is the literal comparison of the two point estimates (the regenerated samples "
+                  f"{te['median']:+.3f} [{te['lo']:+.3f}, {te['hi']:+.3f}], below 0 in {te['p_below']:.0%}"
+                  + (f"; FD to the teacher's samples, plan − anchor {bs['plan_fd_teacher']['median']:+.3f} "
+                     f"[{bs['plan_fd_teacher']['lo']:+.3f}, {bs['plan_fd_teacher']['hi']:+.3f}], below 0 in "
+                     f"{bs['plan_fd_teacher']['p_below']:.0%}" if "plan_fd_teacher" in bs else "")
+                  + ". The "
+                  "verdict above is the literal comparison of the two point estimates (the regenerated samples "
                   "reproduce the recorded FDs " + (f"to {bs['max_fd_mismatch']:.0e})." if bs["max_fd_mismatch"]
                                                    else "exactly)."))
         else:
@@ -935,7 +955,10 @@ def markdown(data, fig_rel) -> str:
         w(f"{meta['digits_n']} samples from the same noises for every contender; FD = Fréchet distance in the digits "
           "classifier's feature space to the real held-out digits (`frechet_digits_distance`), accuracy = the "
           "classifier's agreement with the label, err = relative RMS distance to the teacher's samples from the "
-          "same noises (how closely a contender reproduces the exact ODE solution, sample by sample). Plans: "
+          "same noises (how closely a contender reproduces the exact ODE solution, sample by sample), FDt = Fréchet "
+          "distance in the same feature space to the teacher's samples from the same noises (how closely it "
+          "reproduces the model's own distribution; FD to the real digits adds the model's own error, which a "
+          "solver's error can happen to offset). Plans: "
           "calibrated on "
           f"{meta['digits_cal']} noises selected (`select`) from {meta.get('digits_pool', meta['digits_cal'])} "
           "other noises (labels cycling) against `solver_teacher(den, nfe="
@@ -947,8 +970,9 @@ def markdown(data, fig_rel) -> str:
         teach = [r for r in dg if r["config"] == "teacher"]
         dg = [r for r in dg if r["config"] != "teacher"]
         budgets = sorted({r["budget"] for r in dg})
-        w("| contender | " + " | ".join(f"FD @ {b} | acc @ {b} | err @ {b}" for b in budgets) + " | calibration s |")
-        w("|---|" + "---:|---:|---:|" * len(budgets) + "---:|")
+        w("| contender | " + " | ".join(f"FD @ {b} | acc @ {b} | err @ {b} | FDt @ {b}" for b in budgets)
+          + " | calibration s |")
+        w("|---|" + "---:|---:|---:|---:|" * len(budgets) + "---:|")
         names = []
         for r in dg:
             if r["config"] not in names:
@@ -959,10 +983,11 @@ def markdown(data, fig_rel) -> str:
             for b in budgets:
                 r = next((r for r in dg if r["config"] == name and r["budget"] == b), None)
                 if r is None or r["status"] != "ok":
-                    cells += ["—" if r is None else r["status"], "", ""]
+                    cells += ["—" if r is None else r["status"], "", "", ""]
                 else:
                     cells += [f"{r['fd']:.3f}", f"{r['accuracy']:.3f}",
-                              f"{r['teacher_err']:.4f}" if "teacher_err" in r else "—"]
+                              f"{r['teacher_err']:.4f}" if "teacher_err" in r else "—",
+                              f"{r['fd_teacher']:.3f}" if "fd_teacher" in r else "—"]
                     if "calibration_seconds" in r:
                         cs = (cs + ", " if cs else "") + f"{r['calibration_seconds']:.0f}"
             label = _name({"config": name})
