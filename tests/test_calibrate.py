@@ -4,6 +4,7 @@ Gaussian mixtures where the teacher is the exact flow map."""
 from __future__ import annotations
 
 import json
+import math
 import warnings
 
 import pytest
@@ -143,6 +144,24 @@ def test_calibrated_plan_never_worse_than_its_start(method):
     assert m["error"] <= m["start_error"] + 1e-12
     assert {"heldout_error", "heldout_start_error", "seconds", "neighbours"} <= set(m)
     assert set(m["neighbours"]) == {"4", "6"}
+
+
+@pytest.mark.parametrize("method", methods())
+def test_unbounded_budget_gives_the_same_plan_run_after_run(method):
+    """budget=inf: each method stops at its own limit on loss evaluations, not on the clock, so the plan depends on
+    the inputs alone (not on the machine's speed or load): two runs give the same plan, coefficient for
+    coefficient."""
+    den = MIX.denoiser(EDM(), "eps")
+
+    def run():
+        plan = calibrate(den, 5, noises=noise(48, 2, 1), heldout=0, teacher=MIX.flow_map, method=method,
+                         budget=math.inf, neighbours=False)
+        return {k: v for k, v in plan.to_dict().items() if k != "metrics"}, plan.metrics
+
+    (a, ma), (b, mb) = run(), run()
+    assert a == b
+    assert ma["error"] == mb["error"] and ma.get("loss_evaluations") == mb.get("loss_evaluations")
+    assert ma["error"] <= ma["start_error"] + 1e-12
 
 
 @pytest.mark.parametrize("method, solver, schedule", [("joint", "euler", "karras"),

@@ -383,7 +383,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--select", type=_positive, default=None,
                    help="teacher-label only this many of the --noises: the quarter the starting solver gets most "
                         "wrong and a weighted sample of the rest (rare hard noises dominate the error)")
-    p.add_argument("--budget", type=float, default=90.0, help="optimiser wall time in seconds (default: %(default)s)")
+    p.add_argument("--budget", type=float, default=90.0, help="optimiser wall time in seconds (default: %(default)s); "
+                   "inf: each method runs to its own limit on loss evaluations, the same plan run after run")
     p.add_argument("--teacher-nfe", type=_positive, default=100,
                    help="model calls of the teacher's high-accuracy solve (default: %(default)s)")
     p.add_argument("--batch-size", type=_positive, default=None,

@@ -77,9 +77,11 @@ def calibrate(denoiser, nfe: int, *, solver: str | None = None, noises: int | Te
     the table in `diffkit.calibrate.fitting`) against `teacher(x̄, σ̄_from, σ̄_to)` — by default
     `solver_teacher(denoiser)`; on a testbed pass `mixture.flow_map`, the exact flow map — on `noises` (a count, drawn
     from `seed`, or a tensor of standard-normal noise; a count needs `shape`, the shape of one sample). `heldout` noises
-    (count or tensor; 0 for none) only measure. `budget` is the wall time in seconds the optimiser may use. The result
-    never does worse than its starting plan on the calibration noises (the start is returned when nothing better was
-    found). `plan.metrics` reports calibration and held-out relative RMS errors of the start and of the plan, timings
+    (count or tensor; 0 for none) only measure. `budget` is the wall time in seconds the optimiser may use, so the
+    plan depends on the machine's speed and load; `budget=math.inf` lets each method run to its own limit on loss
+    evaluations, and the same inputs then give the same plan run after run. The result never does worse than its
+    starting plan on the calibration noises (the start is returned when nothing better was found). `plan.metrics`
+    reports calibration and held-out relative RMS errors of the start and of the plan, timings
     (`teacher_seconds` includes the screening of `select`) and, with `neighbours`, the starting solver at nfe - 1 and
     nfe + 1 with the plan's grid resampled (a grid transfers between budgets, coefficients do not). `cond` (and
     `heldout_cond` for the held-out noises, needed when `cond` holds per-sample tensors) go to the model and to the
