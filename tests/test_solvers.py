@@ -509,6 +509,12 @@ def test_adaptive_takes_only_the_range_from_a_named_schedule():
     assert float(info["sigmas"][0]) == pytest.approx(80.0) and float(info["sigmas"][-2]) == pytest.approx(0.002)
     x0 = process.noise_to_canonical(noise, process.sigma_bar_max)
     ref = gm.flow_map(x0, process.sigma_bar_max, 0.0)
-    for nfe in (6, 8, 12):  # running out of budget finishes with stable steps, never a blow-up
-        out = diffkit.sample(den, noise, solver="dpm_adaptive", nfe=nfe)
-        assert float((out - ref).pow(2).mean().sqrt() / ref.pow(2).mean().sqrt()) < 1.5
+    # running out of budget finishes the range with stable steps, never a blow-up; every budget and end, because
+    # whether the budget runs out right after a rejected step depends on it (it once returned the state at
+    # σ̄ = 76, a relative error of 100, at 6 calls to σ̄_min, where 5 and 7 calls were fine)
+    for nfe in range(4, 21):
+        for end in ("sigma_min", "zero"):
+            out, info = diffkit.sample(den, noise, solver="dpm_adaptive", nfe=nfe, end=end, return_info=True)
+            assert info["nfe"] <= nfe
+            err = float((out - ref).pow(2).mean().sqrt() / ref.pow(2).mean().sqrt())
+            assert err < 0.75, (nfe, end, err)

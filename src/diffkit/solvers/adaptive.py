@@ -26,9 +26,10 @@ def dpm_adaptive(denoiser, x, sigmas, *, rtol: float = 0.05, atol: float = 0.007
     scale DPM-Solver's tolerances are stated in: canonical x̄ grows like σ̄ and would make rtol meaningless at
     high noise). A grid ending at 0 adds a final denoising call.
 
-    `max_nfe` is a hard budget: when an attempt (that does not finish the range) would leave fewer than two
-    calls, the rest of the interval is covered by as many DPM-Solver++(2M) steps, uniform in λ, as calls are
-    left (a single high-order step over a wide λ-range is unstable). The grid only gives the range: its first
+    `max_nfe` is a hard budget: when an attempt would leave fewer than two calls, the rest of the interval is
+    covered by as many DPM-Solver++(2M) steps, uniform in λ, as calls are left (a single high-order step over a
+    wide λ-range is unstable). This holds for an attempt that would finish the range too: were it rejected, the
+    calls left could not reach the end. The grid only gives the range: its first
     level and its last positive one. `info['nfe']` receives the calls used."""
     if not (rtol > 0 and atol > 0 and h_init > 0 and 0 < theta <= 1):
         raise ValueError("need rtol > 0, atol > 0, h_init > 0 and 0 < theta <= 1")
@@ -51,7 +52,7 @@ def dpm_adaptive(denoiser, x, sigmas, *, rtol: float = 0.05, atol: float = 0.007
         cost = 3 if e_s is None else 2
         left = budget - counted.calls - reserve
         last = lam_s + min(h, lam_end - lam_s) >= lam_end - 1e-5
-        if left < cost + (0 if last else 2):  # the budget ends the adaptivity: the rest in `left` 2M steps
+        if left < cost + 2:  # the budget ends the adaptivity: the rest in `left` 2M steps
             if left >= 1:
                 rest = torch.exp(torch.linspace(-lam_s, -lam_end, int(left) + 1, dtype=torch.float64))
                 x = dpmpp_multistep(counted, x, rest, order=2, cond=cond)
