@@ -51,7 +51,6 @@ def dpm_adaptive(denoiser, x, sigmas, *, rtol: float = 0.05, atol: float = 0.007
     while lam_end - lam_s > 1e-5:
         cost = 3 if e_s is None else 2
         left = budget - counted.calls - reserve
-        last = lam_s + min(h, lam_end - lam_s) >= lam_end - 1e-5
         if left < cost + 2:  # the budget ends the adaptivity: the rest in `left` 2M steps
             if left >= 1:
                 rest = torch.exp(torch.linspace(-lam_s, -lam_end, int(left) + 1, dtype=torch.float64))
