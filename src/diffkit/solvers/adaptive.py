@@ -29,8 +29,8 @@ def dpm_adaptive(denoiser, x, sigmas, *, rtol: float = 0.05, atol: float = 0.007
     `max_nfe` is a hard budget: when an attempt would leave fewer than two calls, the rest of the interval is
     covered by as many DPM-Solver++(2M) steps, uniform in λ, as calls are left (a single high-order step over a
     wide λ-range is unstable). This holds for an attempt that would finish the range too: were it rejected, the
-    calls left could not reach the end. The grid only gives the range: its first
-    level and its last positive one. `info['nfe']` receives the calls used."""
+    calls left could not reach the end. The grid only gives the range: its first level and its last positive one.
+    `info['nfe']` receives the calls used."""
     if not (rtol > 0 and atol > 0 and h_init > 0 and 0 < theta <= 1):
         raise ValueError("need rtol > 0, atol > 0, h_init > 0 and 0 < theta <= 1")
     cond = cond or {}
