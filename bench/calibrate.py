@@ -333,20 +333,17 @@ def fd_bootstrap(data, resamples: int = FD_RESAMPLES, seed: int = 0) -> dict:
              for k, x in (("plan", x_plan), ("anchor", x_anchor), ("teacher", digits_teacher_samples()))}
     ref = feature_statistics(reference_features()[0])
 
-    def fd(f):
-        return frechet_distance(feature_statistics(f), ref)
-
-    full = {k: fd(f) for k, f in feats.items()}
+    full = {k: frechet_distance(feature_statistics(f), ref) for k, f in feats.items()}
     g = torch.Generator().manual_seed(seed)
     diffs = {"plan": [], "teacher": [], "plan_fd_teacher": []}
     for _ in range(resamples):
         idx = torch.randint(0, len(noise), (len(noise),), generator=g)
-        a = fd(feats["anchor"][idx])
+        st = {k: feature_statistics(f[idx]) for k, f in feats.items()}
+        a = frechet_distance(st["anchor"], ref)
         for k in ("plan", "teacher"):
-            diffs[k].append(fd(feats[k][idx]) - a)
-        st = feature_statistics(feats["teacher"][idx])
-        diffs["plan_fd_teacher"].append(frechet_distance(feature_statistics(feats["plan"][idx]), st)
-                                        - frechet_distance(feature_statistics(feats["anchor"][idx]), st))
+            diffs[k].append(frechet_distance(st[k], ref) - a)
+        diffs["plan_fd_teacher"].append(frechet_distance(st["plan"], st["teacher"])
+                                        - frechet_distance(st["anchor"], st["teacher"]))
     out = {"resamples": resamples, "n": len(noise), "plan_config": t2["plan"], "anchor_config": t2["anchor"],
            "fd": full,
            "max_fd_mismatch": max(abs(full["plan"] - t2["plan_fd"]), abs(full["anchor"] - t2["anchor_fd"]))}

@@ -280,9 +280,8 @@ def select_noises(denoiser, x0: Tensor, nfe: int, select: int, start: tuple, *, 
     ref_teacher = solver_teacher(denoiser, nfe=screen_nfe or max(4 * nfe, 24))
     cond = cond or {}
     with torch.no_grad():
-        tau, alpha, B = plan_tensors(spec.name, grid, opts, denoiser.process)
-        out = M.in_chunks(lambda x, c: run_linear(denoiser, x, tau.tolist(), alpha.tolist(), B.tolist(), cond=c),
-                          x0, cond, batch_size)
+        tau, alpha, B = (v.tolist() for v in plan_tensors(spec.name, grid, opts, denoiser.process))
+        out = M.in_chunks(lambda x, c: run_linear(denoiser, x, tau, alpha, B, cond=c), x0, cond, batch_size)
         ref = _teach(ref_teacher, x0, grid[0], grid[-1], cond, batch_size)
     score = (out - ref).pow(2).flatten(1).sum(1)
     if not torch.isfinite(score).all():
