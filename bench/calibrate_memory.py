@@ -108,8 +108,7 @@ def main(argv=None) -> int:
         print(json.dumps(child(None if args.child == "none" else int(args.child), args.noises, args.budget)))
         return 0
     noises, budget, sizes = (32, 3.0, (None, 8)) if args.quick else (args.noises, args.budget, BATCH_SIZES)
-    sys.path.insert(0, str(ROOT / "bench"))
-    from solvers import git_revision, machine
+    from solvers import git_revision, machine  # bench/ is on the path (top of the module)
 
     t0 = time.time()
     runs = []
